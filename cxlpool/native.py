@@ -1,0 +1,267 @@
+"""Machine-level primitives for a pool that other processes (or hosts) map at the same time.
+
+Everything that touches shared words or flushes cache lines lives here, compiled by numba. Plain numba
+array reads in a polling loop are hoisted out of the loop by LLVM (it cannot know another process writes
+the word), so flags use atomic acquire loads and release stores. On non-coherent CXL memory a writer must
+push its lines to memory (non-temporal stores, or `clflushopt` + `sfence`) and a reader must drop its own
+stale lines (`clflushopt` before reading); these sequences are emitted here as real instructions.
+
+All functions take raw addresses (int64) so one compiled function serves the pool, numpy arrays and
+torch CPU tensors alike.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from llvmlite import binding as llvm
+from llvmlite import ir
+from numba import njit, types
+from numba.extending import intrinsic
+
+# numba's JIT cannot emit inline assembly (clflushopt, sfence) until LLVM's asm parser is loaded.
+llvm.initialize_native_asmparser()
+
+CACHE_LINE = 64
+
+# Checksum constants: sum over 64-bit words of (word ^ index*K1) * K2. Order-independent (a GPU can
+# add partial sums from many threads) yet position-sensitive (a block with swapped halves differs).
+K1 = np.uint64(0x9E3779B97F4A7C15)
+K2 = np.uint64(0xBF58476D1CE4E5B9)
+
+_i64 = ir.IntType(64)
+_i32 = ir.IntType(32)
+_i8 = ir.IntType(8)
+
+
+def _ptr(builder, addr, bits=64):
+    return builder.inttoptr(addr, ir.PointerType(ir.IntType(bits)))
+
+
+@intrinsic
+def load_acquire(typingctx, addr):
+    """Atomic 64-bit load with acquire ordering (never hoisted out of a loop)."""
+    sig = types.uint64(types.int64)
+
+    def codegen(context, builder, sig, args):
+        return builder.load_atomic(_ptr(builder, args[0]), "acquire", 8)
+
+    return sig, codegen
+
+
+@intrinsic
+def store_release(typingctx, addr, value):
+    """Atomic 64-bit store with release ordering: everything written before it is visible first."""
+    sig = types.void(types.int64, types.uint64)
+
+    def codegen(context, builder, sig, args):
+        builder.store_atomic(args[1], _ptr(builder, args[0]), "release", 8)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def compare_swap(typingctx, addr, expected, value):
+    """Atomic 64-bit compare-and-swap; returns the value found (== expected on success)."""
+    sig = types.uint64(types.int64, types.uint64, types.uint64)
+
+    def codegen(context, builder, sig, args):
+        res = builder.cmpxchg(_ptr(builder, args[0]), args[1], args[2], "acq_rel", "monotonic")
+        return builder.extract_value(res, 0)
+
+    return sig, codegen
+
+
+@intrinsic
+def _nt_store(typingctx, addr, value):
+    """Non-temporal 64-bit store (`movnti`): goes to memory, not to this core's cache."""
+    sig = types.void(types.int64, types.uint64)
+
+    def codegen(context, builder, sig, args):
+        st = builder.store(args[1], _ptr(builder, args[0]))
+        st.set_metadata("nontemporal", builder.module.add_metadata([ir.Constant(_i32, 1)]))
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def _load_u64(typingctx, addr):
+    sig = types.uint64(types.int64)
+
+    def codegen(context, builder, sig, args):
+        return builder.load(_ptr(builder, args[0]), align=8)
+
+    return sig, codegen
+
+
+@intrinsic
+def _store_u64(typingctx, addr, value):
+    sig = types.void(types.int64, types.uint64)
+
+    def codegen(context, builder, sig, args):
+        builder.store(args[1], _ptr(builder, args[0]), align=8)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+def _asm_void(text: str, with_addr: bool):
+    """An intrinsic that emits one instruction, optionally on the cache line at an address."""
+
+    if with_addr:
+
+        @intrinsic
+        def emit(typingctx, addr):
+            sig = types.void(types.int64)
+
+            def codegen(context, builder, sig, args):
+                fnty = ir.FunctionType(ir.VoidType(), [ir.PointerType(_i8)])
+                p = builder.inttoptr(args[0], ir.PointerType(_i8))
+                builder.asm(fnty, text + " ($0)", "r,~{memory}", [p], side_effect=True)
+                return context.get_dummy_value()
+
+            return sig, codegen
+
+    else:
+
+        @intrinsic
+        def emit(typingctx):
+            sig = types.void()
+
+            def codegen(context, builder, sig, args):
+                fnty = ir.FunctionType(ir.VoidType(), [])
+                builder.asm(fnty, text, "~{memory}", [], side_effect=True)
+                return context.get_dummy_value()
+
+            return sig, codegen
+
+    return emit
+
+
+clflushopt = _asm_void("clflushopt", with_addr=True)
+sfence = _asm_void("sfence", with_addr=False)
+mfence = _asm_void("mfence", with_addr=False)
+
+
+@njit(cache=True, nogil=True)
+def flush_range(addr, nbytes):
+    """Write back and drop every cache line of [addr, addr+nbytes), then order it (sfence)."""
+    start = addr & ~(CACHE_LINE - 1)
+    end = addr + nbytes
+    a = start
+    while a < end:
+        clflushopt(a)
+        a += CACHE_LINE
+    sfence()
+
+
+@njit(cache=True, nogil=True)
+def invalidate_range(addr, nbytes):
+    """Drop this core's copies of [addr, addr+nbytes) before reading what another host wrote."""
+    start = addr & ~(CACHE_LINE - 1)
+    end = addr + nbytes
+    a = start
+    while a < end:
+        clflushopt(a)
+        a += CACHE_LINE
+    mfence()
+
+
+@njit(cache=True, nogil=True)
+def full_fence():
+    mfence()
+
+
+@njit(cache=True, nogil=True)
+def store_fence():
+    sfence()
+
+
+@njit(cache=True, nogil=True, fastmath=True)
+def checksum(addr, nbytes):
+    """Checksum of nbytes (a multiple of 8) at addr; see K1/K2."""
+    acc = np.uint64(0)
+    for i in range(nbytes // 8):
+        w = _load_u64(addr + i * 8)
+        acc += (w ^ (np.uint64(i) * K1)) * K2
+    return acc
+
+
+@njit(cache=True, nogil=True)
+def copy_nt_checksum(dst, src, nbytes, word0):
+    """Copy nbytes from src to dst with non-temporal stores; checksum the words (index from word0)."""
+    acc = np.uint64(0)
+    base = np.uint64(word0)
+    for i in range(nbytes // 8):
+        w = _load_u64(src + i * 8)
+        _nt_store(dst + i * 8, w)
+        acc += (w ^ ((base + np.uint64(i)) * K1)) * K2
+    return acc
+
+
+@njit(cache=True, nogil=True)
+def copy_checksum(dst, src, nbytes, word0):
+    """Copy nbytes from src to dst with plain stores; checksum the words (index from word0)."""
+    acc = np.uint64(0)
+    base = np.uint64(word0)
+    for i in range(nbytes // 8):
+        w = _load_u64(src + i * 8)
+        _store_u64(dst + i * 8, w)
+        acc += (w ^ ((base + np.uint64(i)) * K1)) * K2
+    return acc
+
+
+@njit(cache=True, nogil=True)
+def wait_for_value(addr, want, spins):
+    """Spin (at most `spins` loads) until the word at addr equals want; True if it did."""
+    for _ in range(spins):
+        if load_acquire(addr) == want:
+            return True
+    return False
+
+
+@njit(cache=True, nogil=True)
+def post_and_wait(req_addr, seq, resp_addr, spins):
+    """Publish a request sequence number, then spin for the matching response; True if it came."""
+    store_release(req_addr, seq)
+    for _ in range(spins):
+        if load_acquire(resp_addr) == seq:
+            return True
+    return False
+
+
+@njit(cache=True, nogil=True)
+def poll_requests(base, stride, n, seen, spins):
+    """Server side: index of a client whose request word differs from what we answered, or -1."""
+    for _ in range(spins):
+        for c in range(n):
+            if load_acquire(base + c * stride) != seen[c]:
+                return c
+    return -1
+
+
+def address(arr) -> int:
+    """Raw address of a numpy array's (or torch CPU tensor's) first element."""
+    if hasattr(arr, "data_ptr"):
+        return int(arr.data_ptr())
+    return int(arr.ctypes.data)
+
+
+
+@njit(cache=True, nogil=True)
+def atomic_load(addr):
+    """Python-callable acquire load of a shared 64-bit word."""
+    return load_acquire(addr)
+
+
+@njit(cache=True, nogil=True)
+def atomic_store(addr, value):
+    """Python-callable release store of a shared 64-bit word."""
+    store_release(addr, value)
+
+
+@njit(cache=True, nogil=True)
+def atomic_cas(addr, expected, value):
+    """Python-callable compare-and-swap of a shared 64-bit word; returns the value found."""
+    return compare_swap(addr, expected, value)
