@@ -20,6 +20,7 @@ from collections.abc import Iterable
 import numpy as np
 
 from beluga.cxlpool import native
+from beluga.kernels import cpu as copy
 
 LINE = native.CACHE_LINE
 MODES = ("coherent", "native", "simulated")
@@ -43,13 +44,13 @@ class Coherence:
     # -- data blocks (written once by one client, read by many) --------------------------------------
     def write_block(self, off: int, src_addr: int, nbytes: int) -> int:
         """Copy a block into the pool and make it visible; return its checksum."""
-        c = native.copy_checksum(self.base + off, src_addr, nbytes, 0)
+        c = copy.copy_checksum(self.base + off, src_addr, nbytes, 0)
         native.store_fence()
         return int(c)
 
     def read_block(self, off: int, dst_addr: int, nbytes: int) -> int:
         """Copy a block out of the pool (fresh from memory); return the checksum of what was read."""
-        return int(native.copy_checksum(dst_addr, self.base + off, nbytes, 0))
+        return int(copy.copy_checksum(dst_addr, self.base + off, nbytes, 0))
 
     def wrote_externally(self, off: int, nbytes: int) -> None:
         """A kernel wrote [off, off+n) with non-temporal stores (or a GPU did): order it."""
@@ -71,14 +72,14 @@ class NativeCoherence(Coherence):
     mode = "native"
 
     def write_block(self, off, src_addr, nbytes):
-        c = native.copy_nt_checksum(self.base + off, src_addr, nbytes, 0)
+        c = copy.copy_nt_checksum(self.base + off, src_addr, nbytes, 0)
         if "writer_flush" not in self.drop:
             native.store_fence()
         return int(c)
 
     def read_block(self, off, dst_addr, nbytes):
         self.before_external_read(off, nbytes)
-        return int(native.copy_checksum(dst_addr, self.base + off, nbytes, 0))
+        return int(copy.copy_checksum(dst_addr, self.base + off, nbytes, 0))
 
     def before_external_read(self, off, nbytes):
         if "reader_invalidate" not in self.drop:
@@ -142,14 +143,14 @@ class SimulatedCoherence(Coherence):
         self._store(off, src)
         if "writer_flush" not in self.drop:
             self.flush(off, nbytes)
-        return int(native.checksum(src_addr, nbytes))
+        return int(copy.checksum(src_addr, nbytes))
 
     def read_block(self, off, dst_addr, nbytes):
         self.before_external_read(off, nbytes)
         data = self._load(off, nbytes)
         dst = np.ctypeslib.as_array((np.ctypeslib.ctypes.c_uint8 * nbytes).from_address(dst_addr))
         dst[:] = data
-        return int(native.checksum(dst_addr, nbytes))
+        return int(copy.checksum(dst_addr, nbytes))
 
     def wrote_externally(self, off, nbytes):
         # Non-temporal stores bypass and invalidate this process's copies.

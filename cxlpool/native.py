@@ -23,11 +23,6 @@ llvm.initialize_native_asmparser()
 
 CACHE_LINE = 64
 
-# Checksum constants: sum over 64-bit words of (word ^ index*K1) * K2. Order-independent (a GPU can
-# add partial sums from many threads) yet position-sensitive (a block with swapped halves differs).
-K1 = np.uint64(0x9E3779B97F4A7C15)
-K2 = np.uint64(0xBF58476D1CE4E5B9)
-
 _i64 = ir.IntType(64)
 _i32 = ir.IntType(32)
 _i8 = ir.IntType(8)
@@ -68,40 +63,6 @@ def compare_swap(typingctx, addr, expected, value):
     def codegen(context, builder, sig, args):
         res = builder.cmpxchg(_ptr(builder, args[0]), args[1], args[2], "acq_rel", "monotonic")
         return builder.extract_value(res, 0)
-
-    return sig, codegen
-
-
-@intrinsic
-def _nt_store(typingctx, addr, value):
-    """Non-temporal 64-bit store (`movnti`): goes to memory, not to this core's cache."""
-    sig = types.void(types.int64, types.uint64)
-
-    def codegen(context, builder, sig, args):
-        st = builder.store(args[1], _ptr(builder, args[0]))
-        st.set_metadata("nontemporal", builder.module.add_metadata([ir.Constant(_i32, 1)]))
-        return context.get_dummy_value()
-
-    return sig, codegen
-
-
-@intrinsic
-def _load_u64(typingctx, addr):
-    sig = types.uint64(types.int64)
-
-    def codegen(context, builder, sig, args):
-        return builder.load(_ptr(builder, args[0]), align=8)
-
-    return sig, codegen
-
-
-@intrinsic
-def _store_u64(typingctx, addr, value):
-    sig = types.void(types.int64, types.uint64)
-
-    def codegen(context, builder, sig, args):
-        builder.store(args[1], _ptr(builder, args[0]), align=8)
-        return context.get_dummy_value()
 
     return sig, codegen
 
@@ -176,40 +137,6 @@ def full_fence():
 @njit(cache=True, nogil=True)
 def store_fence():
     sfence()
-
-
-@njit(cache=True, nogil=True, fastmath=True)
-def checksum(addr, nbytes):
-    """Checksum of nbytes (a multiple of 8) at addr; see K1/K2."""
-    acc = np.uint64(0)
-    for i in range(nbytes // 8):
-        w = _load_u64(addr + i * 8)
-        acc += (w ^ (np.uint64(i) * K1)) * K2
-    return acc
-
-
-@njit(cache=True, nogil=True)
-def copy_nt_checksum(dst, src, nbytes, word0):
-    """Copy nbytes from src to dst with non-temporal stores; checksum the words (index from word0)."""
-    acc = np.uint64(0)
-    base = np.uint64(word0)
-    for i in range(nbytes // 8):
-        w = _load_u64(src + i * 8)
-        _nt_store(dst + i * 8, w)
-        acc += (w ^ ((base + np.uint64(i)) * K1)) * K2
-    return acc
-
-
-@njit(cache=True, nogil=True)
-def copy_checksum(dst, src, nbytes, word0):
-    """Copy nbytes from src to dst with plain stores; checksum the words (index from word0)."""
-    acc = np.uint64(0)
-    base = np.uint64(word0)
-    for i in range(nbytes // 8):
-        w = _load_u64(src + i * 8)
-        _store_u64(dst + i * 8, w)
-        acc += (w ^ ((base + np.uint64(i)) * K1)) * K2
-    return acc
 
 
 @njit(cache=True, nogil=True)

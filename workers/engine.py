@@ -1,0 +1,142 @@
+"""One vLLM OpenAI server process on the CPU (or a GPU): start it, wait until it answers, stop it.
+
+The process runs in its own session so that stopping it takes its engine-core child with it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+from pydantic import BaseModel, Field
+
+log = logging.getLogger(__name__)
+
+HASH_SEED = "0"  # identical block hashes in every engine process
+HASH_ALGO = "sha256_cbor"
+
+
+class EngineSettings(BaseModel):
+    """How to run one `vllm serve`."""
+
+    model: str = Field(description="model folder (the bundled model by default)")
+    served_name: str = "smollm2-135m-instruct"
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    cores: str | None = Field(None, description="CPU cores for the engine's threads, e.g. '0' or '0-1'")
+    kv_space_gb: float = Field(1.0, gt=0, description="VLLM_CPU_KVCACHE_SPACE")
+    max_model_len: int = Field(8192, gt=0)
+    dtype: str = "float32"
+    device: str = Field("cpu", description="cpu, or cuda for a GPU build of vLLM")
+    connector: dict | None = Field(None, description="kv-transfer-config, e.g. from BelugaConnector.config()")
+    extra_args: list[str] = Field(default_factory=list)
+    env: dict[str, str] = Field(default_factory=dict)
+    log_file: str | None = None
+    start_timeout_s: float = Field(300, gt=0)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def command(self) -> list[str]:
+        cmd = [sys.executable, "-m", "beluga.workers.vllm_cli", "serve", self.model,
+               "--served-model-name", self.served_name, "--host", self.host, "--port", str(self.port),
+               "--dtype", self.dtype, "--max-model-len", str(self.max_model_len),
+               "--prefix-caching-hash-algo", HASH_ALGO, "--enable-prompt-tokens-details",
+               "--disable-uvicorn-access-log"]
+        if self.connector is not None:
+            cmd += ["--kv-transfer-config", json.dumps(self.connector)]
+        return cmd + self.extra_args
+
+    def environment(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update({
+            "PYTHONHASHSEED": HASH_SEED,
+            "VLLM_CPU_KVCACHE_SPACE": f"{self.kv_space_gb:g}",
+            "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
+            "VLLM_TARGET_DEVICE": self.device,
+            "VLLM_NO_USAGE_STATS": "1",
+            "DO_NOT_TRACK": "1",
+            "HF_HUB_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+        })
+        if self.cores is not None:
+            env["VLLM_CPU_OMP_THREADS_BIND"] = self.cores
+        env.update(self.env)
+        return env
+
+
+class EngineProcess:
+    """A running `vllm serve`."""
+
+    def __init__(self, settings: EngineSettings):
+        self.settings = settings
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> EngineProcess:
+        s = self.settings
+        out = open(s.log_file, "ab") if s.log_file else subprocess.DEVNULL
+        log.info("starting vLLM on %s (cores %s)", s.url, s.cores or "all")
+        self.proc = subprocess.Popen(s.command(), env=s.environment(), stdout=out, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        return self
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def healthy(self, timeout: float = 2.0) -> bool:
+        try:
+            return httpx.get(self.settings.url + "/health", timeout=timeout).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def wait_ready(self, progress=None) -> None:
+        deadline = time.monotonic() + self.settings.start_timeout_s
+        while time.monotonic() < deadline:
+            if not self.alive():
+                raise RuntimeError(f"vLLM on {self.settings.url} exited with {self.proc.returncode} while "
+                                   f"starting; see {self.settings.log_file or 'its output'}")
+            if self.healthy():
+                return
+            if progress:
+                progress()
+            time.sleep(0.5)
+        self.stop()
+        raise TimeoutError(f"vLLM on {self.settings.url} not healthy after {self.settings.start_timeout_s}s")
+
+    def stop(self, grace_s: float = 15.0) -> None:
+        if not self.proc or self.proc.poll() is not None:
+            return
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(5)
+        except ProcessLookupError:
+            pass
+
+    def __enter__(self):
+        self.start().wait_ready()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+def tail(path: str | None, lines: int = 30) -> str:
+    if not path or not Path(path).exists():
+        return ""
+    return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
