@@ -1,0 +1,3 @@
+from beluga.cli import main
+
+main()

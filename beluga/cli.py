@@ -1,0 +1,179 @@
+"""`beluga`: the command line. Each component adds its subcommands here; the logic lives in the component."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+
+app = typer.Typer(help="Beluga-KV: a shared KV-cache pool for vLLM fleets.", no_args_is_help=True,
+                  pretty_exceptions_enable=False)
+model_app = typer.Typer(help="The bundled model (SmolLM2-135M-Instruct).", no_args_is_help=True)
+pool_app = typer.Typer(help="The shared KV pool and its metadata server.", no_args_is_help=True)
+app.add_typer(model_app, name="model")
+app.add_typer(pool_app, name="pool")
+console = Console(stderr=True)
+
+
+def _logging(verbose: bool = False) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
+                        handlers=[RichHandler(console=console, show_path=False)], force=True)
+
+
+def _fail(msg: str) -> None:
+    console.print(f"[red]error:[/red] {msg}")
+    raise typer.Exit(2)
+
+
+@app.callback()
+def main_callback(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False):
+    _logging(verbose)
+
+
+# -- model --------------------------------------------------------------------------------------------
+@model_app.command("prepare")
+def model_prepare(out: Annotated[Path | None, typer.Option(help="folder (default: the cache)")] = None,
+                  force: bool = False):
+    """Convert the bundled GGUF into a float32 Hugging Face folder, verify it, print its path."""
+    from beluga import model
+
+    with console.status("preparing the bundled model (dequantize, save, verify)"):
+        path = model.prepare(out, force)
+    print(path)
+
+
+@model_app.command("path")
+def model_path():
+    """Print where the prepared model is (fails if it is not prepared)."""
+    from beluga import model
+
+    try:
+        print(model.path_or_raise())
+    except RuntimeError as e:
+        _fail(str(e))
+
+
+# -- pool ---------------------------------------------------------------------------------------------
+PathOpt = Annotated[list[str] | None, typer.Option("--path", help="pool file or /dev/dax node (repeat to "
+                                                   "interleave)")]
+
+
+def _pool_settings(path, **kw):
+    from pydantic import ValidationError
+
+    from beluga.cxlpool.settings import PoolSettings
+
+    kw = {k: v for k, v in kw.items() if v is not None}
+    if path:
+        kw["path"] = path
+    try:
+        return PoolSettings(**kw)
+    except ValidationError as e:
+        _fail(f"bad pool settings: {e}")
+
+
+def _format_for(model_dir: str | None, block_tokens: int, dtype: str, layout: str, hash_seed: str):
+    from beluga import model
+    from beluga.workers.kvformat import from_model_dir
+
+    try:
+        return from_model_dir(model_dir or model.path_or_raise(), block_tokens, dtype, layout,
+                              hash_seed=hash_seed)
+    except (OSError, KeyError, RuntimeError, ValueError) as e:
+        _fail(f"cannot derive the KV format: {e}")
+
+
+@pool_app.command("create")
+def pool_create(path: PathOpt = None, size: Annotated[str, typer.Option(help="bytes, or 512M, 4G")] = "1G",
+                model_dir: Annotated[str | None, typer.Option(help="HF model folder (default: bundled)")] = None,
+                block_tokens: int = 128, dtype: str = "float32", layout: str = "cpu", hash_seed: str = "0",
+                clients: int = 64, group_access: bool = False, as_json: Annotated[bool, typer.Option("--json")] = False):
+    """Create and format a pool for a model's KV format (erases what the pool held)."""
+    from beluga.cxlpool import pool as pool_mod
+
+    s = _pool_settings(path, size=parse_size(size), clients=clients, group_access=group_access)
+    fmt = _format_for(model_dir, block_tokens, dtype, layout, hash_seed)
+    try:
+        p = pool_mod.create(s, fmt)
+    except Exception as e:  # noqa: BLE001 - shown to the user as is
+        _fail(str(e))
+    info = {"path": s.path, "slots": p.geo.n_slots, "slot_bytes": p.geo.slot_bytes, "format": fmt.describe()}
+    print(json.dumps(info) if as_json else f"created {s.path}: {p.geo.n_slots} slots of {p.geo.slot_bytes} B")
+
+
+@pool_app.command("status")
+def pool_status(path: PathOpt = None, admin_port: int = 7700, as_json: Annotated[bool, typer.Option("--json")] = False):
+    """Show a pool's format and, if its metadata server runs, its live statistics."""
+    import httpx
+
+    from beluga.cxlpool import pool as pool_mod
+
+    s = _pool_settings(path, admin_port=admin_port)
+    try:
+        p = pool_mod.attach(s)
+    except Exception as e:  # noqa: BLE001
+        _fail(str(e))
+    info = {"path": s.path, "slots": p.geo.n_slots, "slot_bytes": p.geo.slot_bytes, "format": p.fmt.describe()}
+    try:
+        info["server"] = httpx.get(f"http://{s.admin_host}:{s.admin_port}/stats", timeout=2).json()
+    except httpx.HTTPError:
+        info["server"] = None
+    print(json.dumps(info, indent=None if as_json else 2))
+
+
+@pool_app.command("serve")
+def pool_serve(path: PathOpt = None, size: str = "1G", create: Annotated[bool, typer.Option(
+               help="create the pool for the bundled model (or --model-dir) if it does not exist")] = True,
+               model_dir: str | None = None, block_tokens: int = 128, dtype: str = "float32",
+               layout: str = "cpu", hash_seed: str = "0", coherence: str = "coherent", eviction: str = "lru",
+               tcp_port: int = 7701, admin_port: int = 7700, spin_us: int = 200,
+               as_json: Annotated[bool, typer.Option("--json", help="print the endpoints as JSON")] = False):
+    """Run the metadata server (shared-memory RPC, TCP, admin HTTP) until Ctrl-C."""
+    from beluga.cxlpool import service
+
+    s = _pool_settings(path, size=parse_size(size), coherence=coherence, eviction=eviction, tcp_port=tcp_port,
+                       admin_port=admin_port, spin_us=spin_us)
+    fmt = _format_for(model_dir, block_tokens, dtype, layout, hash_seed) if create else None
+    if as_json:
+        print(json.dumps({"path": s.path, "tcp_port": tcp_port, "admin_port": admin_port}), flush=True)
+    try:
+        service.run(s, fmt)
+    except Exception as e:  # noqa: BLE001
+        _fail(str(e))
+
+
+@pool_app.command("bench")
+def pool_bench(as_json: Annotated[bool, typer.Option("--json")] = False, quick: bool = False):
+    """Measure RPC latency (shm vs TCP), block write/read bandwidth, lookups, cache-line costs."""
+    from beluga.cxlpool import bench
+
+    result = bench.run(quick=quick)
+    if as_json:
+        print(json.dumps(result))
+    else:
+        for k, v in result.items():
+            print(f"{k:32s} {v}")
+
+
+def parse_size(text: str) -> int:
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    try:
+        if t and t[-1] in units:
+            return int(float(t[:-1]) * units[t[-1]])
+        return int(t)
+    except ValueError:
+        _fail(f"bad size {text!r}: use bytes or a number with K, M, G, T")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

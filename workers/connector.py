@@ -1,0 +1,379 @@
+"""BelugaConnector: vLLM's KV connector over the shared pool.
+
+    vllm serve MODEL --prefix-caching-hash-algo sha256_cbor --kv-transfer-config '{
+        "kv_connector": "BelugaConnector", "kv_connector_module_path": "beluga.workers.connector",
+        "kv_role": "kv_both", "kv_load_failure_policy": "recompute",
+        "kv_connector_extra_config": {"pool": "/dev/shm/beluga-pool"}}'
+    (with PYTHONHASHSEED set, the same in every engine)
+
+Scheduler side: how many of a prompt's blocks (beyond what the engine holds itself) the pool has; those
+are leased until the request finishes, so they cannot be evicted under the load. Worker side: before the
+forward pass, copy the leased slots into the engine's cache blocks (checksums verified; a bad block is
+reported and recomputed); after it, copy newly full blocks into fresh slots and commit them.
+
+Keys are vLLM's own block hashes (chained, so one key names a whole prefix; a request's cache_salt is
+hashed into its first block, so tenants never share). When the pool is unreachable the connector
+answers "no hit", saves nothing, logs once, and retries later: the engine computes as if it were absent.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from prometheus_client import Counter, start_http_server
+from pydantic import BaseModel, Field, ValidationError
+
+from beluga.cxlpool.client import IntegrityError, PoolClient
+from beluga.cxlpool.layout import PoolFormatError
+from beluga.cxlpool.rpc import PoolUnavailable
+from beluga.cxlpool.settings import PoolSettings
+from beluga.kernels import cpu as cpu_kernels
+from beluga.kernels import layout as cache_layout
+from beluga.workers.kvformat import CRYPTO_HASHES, kv_format, model_id_for
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+)
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.forward_context import ForwardContext
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.request import Request
+
+log = logging.getLogger(__name__)
+
+METRICS = {
+    "hit_tokens": Counter("beluga_connector_hit_tokens", "prompt tokens loaded from the pool"),
+    "loaded_blocks": Counter("beluga_connector_loaded_blocks", "blocks copied pool -> engine"),
+    "loaded_bytes": Counter("beluga_connector_loaded_bytes", "bytes copied pool -> engine"),
+    "saved_blocks": Counter("beluga_connector_saved_blocks", "blocks copied engine -> pool"),
+    "saved_bytes": Counter("beluga_connector_saved_bytes", "bytes copied engine -> pool"),
+    "load_seconds": Counter("beluga_connector_load_seconds", "time spent loading"),
+    "save_seconds": Counter("beluga_connector_save_seconds", "time spent saving"),
+    "fallbacks": Counter("beluga_connector_fallbacks", "times the engine recomputed: pool down or bad block"),
+    "bad_blocks": Counter("beluga_connector_bad_blocks", "blocks that failed their checksum"),
+}
+
+
+class ConnectorSettings(BaseModel):
+    """`kv_connector_extra_config`."""
+
+    model_config = {"extra": "forbid"}
+
+    pool: str | list[str] = Field(description="pool file(s) or /dev/dax node(s), as created by `beluga pool`")
+    coherence: str = "coherent"
+    transport: str = "shm"
+    tcp_host: str = "127.0.0.1"
+    tcp_port: int = 7701
+    rpc_timeout_s: float = Field(1.0, gt=0)
+    retry_after_s: float = Field(5.0, ge=0, description="after the pool fails, compute locally this long")
+    metrics_port: int | None = Field(None, ge=0, le=65535, description="Prometheus endpoint of the worker")
+    model_id: str | None = None
+    layout: str | None = None
+    load: bool = True
+    save: bool = True
+
+    def pool_settings(self) -> PoolSettings:
+        paths = [self.pool] if isinstance(self.pool, str) else self.pool
+        return PoolSettings(path=paths, coherence=self.coherence, transport=self.transport,
+                            tcp_host=self.tcp_host, tcp_port=self.tcp_port, rpc_timeout_s=self.rpc_timeout_s)
+
+
+def connector_config(pool: str, **extra) -> dict:
+    """The `--kv-transfer-config` for an engine using the pool at `pool`."""
+    return {"kv_connector": "BelugaConnector", "kv_connector_module_path": "beluga.workers.connector",
+            "kv_role": "kv_both", "kv_load_failure_policy": "recompute",
+            "kv_connector_extra_config": {"pool": pool, **extra}}
+
+
+@dataclass
+class LoadSpec:
+    slots: list[int]
+    gens: list[int]
+    block_ids: list[int]
+
+
+@dataclass
+class SaveSpec:
+    keys: list[bytes]
+    block_ids: list[int]
+
+
+@dataclass
+class BelugaMetadata(KVConnectorMetadata):
+    loads: list[LoadSpec] = field(default_factory=list)
+    saves: list[SaveSpec] = field(default_factory=list)
+
+
+@dataclass
+class _ReqState:
+    request: Any
+    block_ids: list[int] = field(default_factory=list)
+    saved_blocks: int = 0
+    leased: list[int] = field(default_factory=list)
+    plan: LoadSpec | None = None
+    start_block: int = 0
+
+
+class BelugaConnector(KVConnectorBase_V1):
+    def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig):
+        super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
+        try:
+            self.settings = ConnectorSettings(**self._kv_transfer_config.kv_connector_extra_config)
+        except ValidationError as e:
+            raise ValueError(f"BelugaConnector: bad kv_connector_extra_config: {e}") from None
+        self.block_size = vllm_config.cache_config.block_size
+        self.fmt = self._format(vllm_config)
+        if self._kv_transfer_config.kv_load_failure_policy != "recompute":
+            raise ValueError('BelugaConnector needs "kv_load_failure_policy": "recompute" in '
+                             "--kv-transfer-config, so that a block that fails its checksum is recomputed")
+        try:
+            self.client = PoolClient(self.settings.pool_settings(), expect=self.fmt)
+        except PoolFormatError as e:
+            raise ValueError(f"BelugaConnector: pool {self.settings.pool} does not fit this engine: {e}")
+        self.down_until = 0.0
+        self._down_logged = False
+        # scheduler side
+        self.reqs: dict[str, _ReqState] = {}
+        # worker side
+        self.layout: cache_layout.CacheLayout | None = None
+        self.invalid: set[int] = set()
+        if role == KVConnectorRole.WORKER and self.settings.metrics_port is not None:
+            start_http_server(self.settings.metrics_port, addr="127.0.0.1")
+        log.info("BelugaConnector (%s) on pool %s: %d slots, %d-byte blocks", role.name, self.settings.pool,
+                 self.client.geo.n_slots, self.fmt.block_bytes)
+
+    # -- configuration checks ---------------------------------------------------------------------------
+    def _format(self, cfg: VllmConfig):
+        algo = cfg.cache_config.prefix_caching_hash_algo
+        seed = os.environ.get("PYTHONHASHSEED")
+        if algo not in CRYPTO_HASHES or seed is None or seed == "random":
+            raise ValueError(
+                "BelugaConnector needs block hashes that are identical in every engine: start vLLM with "
+                "--prefix-caching-hash-algo sha256_cbor and the same fixed PYTHONHASHSEED (e.g. "
+                f"PYTHONHASHSEED=0) everywhere (now: algo={algo}, PYTHONHASHSEED={seed})")
+        mc, pc = cfg.model_config, cfg.parallel_config
+        dtype = cfg.cache_config.cache_dtype
+        if dtype in (None, "auto"):
+            dtype = str(mc.dtype).removeprefix("torch.")
+        from vllm.platforms import current_platform
+
+        layout = self.settings.layout or ("cpu" if current_platform.is_cpu() else "cuda")
+        return kv_format(self.settings.model_id or model_id_for(mc.model), mc.get_num_layers(pc),
+                         mc.get_num_kv_heads(pc), mc.get_head_size(), self.block_size, dtype, layout, algo, seed)
+
+    def _pool_ok(self) -> bool:
+        return time.monotonic() >= self.down_until
+
+    def _pool_failed(self, what: str, err: Exception) -> None:
+        METRICS["fallbacks"].inc()
+        self.down_until = time.monotonic() + self.settings.retry_after_s
+        if not self._down_logged:
+            log.warning("pool unavailable during %s (%s); computing locally, retrying every %.0fs", what, err,
+                        self.settings.retry_after_s)
+            self._down_logged = True
+
+    def _pool_back(self) -> None:
+        if self._down_logged:
+            log.info("pool reachable again")
+            self._down_logged = False
+
+    # -- scheduler side ---------------------------------------------------------------------------------
+    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int, bool]:
+        st = self.reqs.get(request.request_id)
+        if st is None:
+            st = self.reqs[request.request_id] = _ReqState(request)
+        self._drop_lease(st)
+        if not self.settings.load or not self._pool_ok():
+            return 0, False
+        # At least one prompt token must be computed by the engine, so the last block may not be loaded.
+        limit = min((request.num_prompt_tokens - 1) // self.block_size, len(request.block_hashes))
+        start = num_computed_tokens // self.block_size
+        if limit <= start:
+            return 0, False
+        try:
+            hit = self.client.lookup([bytes(h) for h in request.block_hashes[start:limit]], lease=True)
+            self._pool_back()
+        except (PoolUnavailable, RuntimeError) as e:
+            self._pool_failed("lookup", e)
+            return 0, False
+        if not hit.slots:
+            return 0, False
+        st.leased = list(hit.slots)
+        st.plan = LoadSpec(list(hit.slots), list(hit.gens), [])
+        st.start_block = start
+        return len(hit.slots) * self.block_size, False
+
+    def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int):
+        st = self.reqs.get(request.request_id)
+        if st is None:
+            return
+        if num_external_tokens <= 0 or st.plan is None:
+            self._drop_lease(st)
+            return
+        ids = blocks.get_block_ids()[0]
+        n = num_external_tokens // self.block_size
+        st.plan.block_ids = list(ids[st.start_block: st.start_block + n])
+        st.plan.slots, st.plan.gens = st.plan.slots[:n], st.plan.gens[:n]
+
+    def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
+        meta = BelugaMetadata()
+        for new in scheduler_output.scheduled_new_reqs:
+            st = self.reqs.get(new.req_id)
+            if st is None:
+                continue
+            st.block_ids = list(new.block_ids[0])
+            if st.plan is not None and st.plan.block_ids:
+                meta.loads.append(st.plan)
+            st.plan = None
+            st.saved_blocks = new.num_computed_tokens // self.block_size
+            self._plan_save(meta, st, new.num_computed_tokens + scheduler_output.num_scheduled_tokens[new.req_id])
+        cached = scheduler_output.scheduled_cached_reqs
+        for i, req_id in enumerate(cached.req_ids):
+            st = self.reqs.get(req_id)
+            if st is None:
+                continue
+            new_ids = cached.new_block_ids[i]
+            if req_id in cached.resumed_req_ids:
+                st.block_ids = list(new_ids[0]) if new_ids else []
+                st.saved_blocks = min(st.saved_blocks, cached.num_computed_tokens[i] // self.block_size)
+            elif new_ids:
+                st.block_ids += list(new_ids[0])
+            self._plan_save(meta, st, cached.num_computed_tokens[i] + scheduler_output.num_scheduled_tokens[req_id])
+        return meta
+
+    def _plan_save(self, meta: BelugaMetadata, st: _ReqState, computed_after: int) -> None:
+        if not self.settings.save or not self._pool_ok():
+            return
+        full = min(computed_after // self.block_size, len(st.request.block_hashes), len(st.block_ids))
+        if full > st.saved_blocks:
+            keys = [bytes(h) for h in st.request.block_hashes[st.saved_blocks:full]]
+            meta.saves.append(SaveSpec(keys, st.block_ids[st.saved_blocks:full]))
+            st.saved_blocks = full
+
+    def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict | None]:
+        st = self.reqs.pop(request.request_id, None)
+        if st is not None:
+            self._drop_lease(st)
+        return False, None
+
+    def _drop_lease(self, st: _ReqState) -> None:
+        if st.leased:
+            try:
+                self.client.release(st.leased)
+            except (PoolUnavailable, RuntimeError) as e:
+                self._pool_failed("release", e)  # the server reaps our leases if it restarts
+            st.leased = []
+        st.plan = None
+
+    # -- worker side ------------------------------------------------------------------------------------
+    def register_kv_caches(self, kv_caches: dict[str, Any]):
+        names = sorted(kv_caches, key=_layer_index)
+        lay = cache_layout.from_tensors([kv_caches[n] for n in names], self._kv_cache_config.num_blocks)
+        if lay.block_bytes != self.fmt.block_bytes:
+            raise ValueError(f"BelugaConnector: the engine's cache blocks are {lay.block_bytes} bytes "
+                             f"({lay.signature}), the pool's format says {self.fmt.block_bytes}")
+        self.layout = lay
+        log.info("BelugaConnector: %d layers, %d runs of %d bytes per block (%s)", lay.layers,
+                 lay.runs.shape[1], lay.run_bytes, lay.signature)
+
+    def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
+        meta = self._get_connector_metadata()
+        if not isinstance(meta, BelugaMetadata) or not meta.loads or self.layout is None:
+            return
+        t0 = time.perf_counter()
+        for spec in meta.loads:
+            self._load(spec)
+        METRICS["load_seconds"].inc(time.perf_counter() - t0)
+
+    def _load(self, spec: LoadSpec) -> None:
+        n = len(spec.block_ids)
+        try:
+            expected = [self.client.expected(s, g) for s, g in zip(spec.slots[:n], spec.gens[:n], strict=True)]
+        except (IntegrityError, PoolUnavailable, RuntimeError) as e:
+            self._fail_blocks(spec, 0, e)
+            return
+        for s in spec.slots[:n]:
+            self.client.coh.before_external_read(self.client.slot_offset(s), self.fmt.block_bytes)
+        lay = self.layout
+        got = np.zeros(n, np.uint64)
+        addrs = np.array([self.client.slot_addr(s) for s in spec.slots[:n]], np.int64)
+        cpu_kernels.scatter(lay.bases, lay.block_stride, lay.runs, lay.run_bytes,
+                            np.asarray(spec.block_ids, np.int64), addrs, got)
+        bad = [i for i in range(n) if int(got[i]) != expected[i]]
+        if bad:
+            first = bad[0]
+            METRICS["bad_blocks"].inc(len(bad))
+            try:
+                self.client.report_bad([(spec.slots[i], spec.gens[i]) for i in bad])
+            except (PoolUnavailable, RuntimeError):
+                pass
+            self._fail_blocks(spec, first, IntegrityError(f"{len(bad)} block(s) failed their checksum"))
+            n = first
+        METRICS["loaded_blocks"].inc(n)
+        METRICS["loaded_bytes"].inc(n * self.fmt.block_bytes)
+        METRICS["hit_tokens"].inc(n * self.block_size)
+
+    def _fail_blocks(self, spec: LoadSpec, first: int, err: Exception) -> None:
+        """Tell vLLM to recompute these blocks (and, the chain being causal, all after them)."""
+        self.invalid.update(spec.block_ids[first:])
+        METRICS["fallbacks"].inc()
+        log.warning("pool load failed for %d block(s): %s; recomputing", len(spec.block_ids) - first, err)
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        out, self.invalid = self.invalid, set()
+        return out
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        return  # CPU loads are complete when start_load_kv returns
+
+    def save_kv_layer(self, layer_name: str, kv_layer, attn_metadata, **kwargs: Any) -> None:
+        return  # saved all layers at once in wait_for_save: one pass, one commit
+
+    def wait_for_save(self):
+        meta = self._get_connector_metadata()
+        if not isinstance(meta, BelugaMetadata) or not meta.saves or self.layout is None or not self._pool_ok():
+            return
+        t0 = time.perf_counter()
+        for spec in meta.saves:
+            try:
+                self._save(spec)
+                self._pool_back()
+            except (PoolUnavailable, RuntimeError) as e:
+                self._pool_failed("save", e)
+                break
+        METRICS["save_seconds"].inc(time.perf_counter() - t0)
+
+    def _save(self, spec: SaveSpec) -> None:
+        got = self.client.alloc(spec.keys)
+        todo = [(i, s, g) for i, (s, g) in enumerate(got) if s >= 0]
+        if not todo:
+            return
+        lay = self.layout
+        addrs = np.array([self.client.slot_addr(s) for _, s, _ in todo], np.int64)
+        ids = np.array([spec.block_ids[i] for i, _, _ in todo], np.int64)
+        sums = np.zeros(len(todo), np.uint64)
+        cpu_kernels.gather(lay.bases, lay.block_stride, lay.runs, lay.run_bytes, ids, addrs, sums)
+        for (_, s, _), a in zip(todo, addrs, strict=True):
+            self.client.coh.wrote_externally(int(a) - self.client.base, self.fmt.block_bytes)
+        self.client.commit([(s, g, int(c)) for (_, s, g), c in zip(todo, sums, strict=True)])
+        METRICS["saved_blocks"].inc(len(todo))
+        METRICS["saved_bytes"].inc(len(todo) * self.fmt.block_bytes)
+
+    def shutdown(self):
+        self.client.close()
+
+
+def _layer_index(name: str) -> tuple[int, str]:
+    m = re.search(r"\.(\d+)\.", name)
+    return (int(m.group(1)) if m else 1 << 30, name)
