@@ -19,7 +19,6 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
-
 from beluga.cxlpool import coherence, native
 from beluga.cxlpool import pool as pool_mod
 from beluga.cxlpool.layout import COMMITTED, HEADER_BYTES, KEY_BYTES, RPC_PAYLOAD, SLOT_HEADER, KVFormat

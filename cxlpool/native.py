@@ -12,7 +12,6 @@ torch CPU tensors alike.
 
 from __future__ import annotations
 
-import numpy as np
 from llvmlite import binding as llvm
 from llvmlite import ir
 from numba import njit, types

@@ -7,7 +7,6 @@ import os
 from dataclasses import dataclass
 
 import numpy as np
-
 from beluga.cxlpool.layout import (
     Geometry,
     KVFormat,

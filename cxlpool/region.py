@@ -138,7 +138,7 @@ class Region:
                     raise RegionError(f"mmap of {self.paths[0]} failed: {os.strerror(ctypes.get_errno())}")
                 self._maps.append((addr, self.size))
             else:
-                addr = _libc.mmap(None, self.size, mmap.PROT_NONE,
+                addr = _libc.mmap(None, self.size, 0,  # PROT_NONE: reserved, not accessible until mapped
                                   mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE, -1, 0)
                 if addr in (None, _MAP_FAILED):
                     raise RegionError("could not reserve address space for the interleaved pool")

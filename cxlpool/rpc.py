@@ -23,7 +23,6 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
-
 from beluga.cxlpool import native
 from beluga.cxlpool.layout import RPC_HEAD, RPC_PAYLOAD, SERVER_STATUS, Geometry
 
@@ -151,7 +150,7 @@ class TcpTransport:
         try:
             self.sock = socket.create_connection(self.addr, timeout=self.timeout_s)
         except OSError as e:
-            raise PoolUnavailable(f"cannot reach the metadata server at {self.addr[0]}:{self.addr[1]}: {e}")
+            raise PoolUnavailable(f"cannot reach the metadata server at {self.addr[0]}:{self.addr[1]}: {e}") from e
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def call(self, op: Op, n: int = 0, args=(0, 0, 0, 0), payload: bytes | np.ndarray = b"") -> Reply:
@@ -164,7 +163,7 @@ class TcpTransport:
         except OSError as e:
             self.sock.close()
             self._connect()  # next call goes to a restarted server
-            raise PoolUnavailable(f"metadata server connection failed: {e}")
+            raise PoolUnavailable(f"metadata server connection failed: {e}") from e
         return Reply(status, rn, (r0, r1, r2, r3), body)
 
     def close(self) -> None:

@@ -20,7 +20,6 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
 import numpy as np
-
 from beluga.cxlpool import eviction, native
 from beluga.cxlpool.coherence import Coherence
 from beluga.cxlpool.layout import (

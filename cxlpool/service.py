@@ -9,14 +9,13 @@ import signal
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from prometheus_client import CollectorRegistry, Gauge, generate_latest
-
 from beluga.cxlpool import coherence
 from beluga.cxlpool import pool as pool_mod
 from beluga.cxlpool.layout import KVFormat
 from beluga.cxlpool.rpc import doorbell_path
 from beluga.cxlpool.server import Dispatcher, PoolIndex, ShmEndpoint, TcpEndpoint
 from beluga.cxlpool.settings import PoolSettings
+from prometheus_client import CollectorRegistry, Gauge, generate_latest
 
 log = logging.getLogger(__name__)
 

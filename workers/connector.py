@@ -26,9 +26,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from prometheus_client import Counter, start_http_server
-from pydantic import BaseModel, Field, ValidationError
-
 from beluga.cxlpool.client import IntegrityError, PoolClient
 from beluga.cxlpool.layout import PoolFormatError
 from beluga.cxlpool.rpc import PoolUnavailable
@@ -36,6 +33,8 @@ from beluga.cxlpool.settings import PoolSettings
 from beluga.kernels import cpu as cpu_kernels
 from beluga.kernels import layout as cache_layout
 from beluga.workers.kvformat import CRYPTO_HASHES, kv_format, model_id_for
+from prometheus_client import Counter, start_http_server
+from pydantic import BaseModel, Field, ValidationError
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
     KVConnectorMetadata,
@@ -140,7 +139,7 @@ class BelugaConnector(KVConnectorBase_V1):
         try:
             self.client = PoolClient(self.settings.pool_settings(), expect=self.fmt)
         except PoolFormatError as e:
-            raise ValueError(f"BelugaConnector: pool {self.settings.pool} does not fit this engine: {e}")
+            raise ValueError(f"BelugaConnector: pool {self.settings.pool} does not fit this engine: {e}") from e
         self.down_until = 0.0
         self._down_logged = False
         # scheduler side
@@ -364,8 +363,8 @@ class BelugaConnector(KVConnectorBase_V1):
         ids = np.array([spec.block_ids[i] for i, _, _ in todo], np.int64)
         sums = np.zeros(len(todo), np.uint64)
         cpu_kernels.gather(lay.bases, lay.block_stride, lay.runs, lay.run_bytes, ids, addrs, sums)
-        for (_, s, _), a in zip(todo, addrs, strict=True):
-            self.client.coh.wrote_externally(int(a) - self.client.base, self.fmt.block_bytes)
+        for a in addrs.tolist():
+            self.client.coh.wrote_externally(a - self.client.base, self.fmt.block_bytes)
         self.client.commit([(s, g, int(c)) for (_, s, g), c in zip(todo, sums, strict=True)])
         METRICS["saved_blocks"].inc(len(todo))
         METRICS["saved_bytes"].inc(len(todo) * self.fmt.block_bytes)
