@@ -160,6 +160,82 @@ def pool_bench(as_json: Annotated[bool, typer.Option("--json")] = False, quick: 
             print(f"{k:32s} {v}")
 
 
+# -- serve, router, worker ------------------------------------------------------------------------------
+@app.command("serve")
+def serve(workers: int = 2, policy: str = "least-loaded", pool: str = "/dev/shm/beluga-pool",
+          pool_size: str = "4G", no_pool: Annotated[bool, typer.Option("--no-pool", help="plain vLLM workers: "
+                                                                        "the baseline")] = False,
+          model: Annotated[str | None, typer.Option(help="HF model folder (default: bundled)")] = None,
+          host: str = "127.0.0.1", port: int = 8000, worker_base_port: int = 8100, kv_space_gb: float = 1.0,
+          ray_address: str | None = None, log_dir: str = "/tmp/beluga-logs"):
+    """Pool + metadata server + Ray-managed vLLM workers + router, on this machine, until Ctrl-C."""
+    from pydantic import ValidationError
+
+    from beluga.serve import ServeSettings, run
+
+    try:
+        s = ServeSettings(workers=workers, policy=policy, pool=pool, pool_size=parse_size(pool_size),
+                          no_pool=no_pool, model=model, host=host, port=port, worker_base_port=worker_base_port,
+                          kv_space_gb=kv_space_gb, ray_address=ray_address, log_dir=log_dir)
+        from beluga.router import policies
+
+        policies.make(policy)
+    except (ValidationError, ValueError) as e:
+        _fail(str(e))
+    try:
+        run(s, console)
+    except KeyboardInterrupt:
+        pass
+    except (RuntimeError, TimeoutError) as e:
+        _fail(str(e))
+
+
+@app.command("router")
+def router(host: str = "127.0.0.1", port: int = 8000, policy: str = "least-loaded",
+           discovery: Annotated[str, typer.Option(help="static, dns or ray")] = "static",
+           worker: Annotated[list[str] | None, typer.Option(help="static worker URL (repeat)")] = None,
+           dns_name: str | None = None, dns_port: int = 8000, ray_address: str | None = None,
+           api_keys_file: str | None = None):
+    """Run only the router (Kubernetes, or in front of workers started elsewhere)."""
+    import uvicorn
+    from pydantic import ValidationError
+
+    from beluga.router.app import create_app
+    from beluga.router.settings import RouterSettings
+
+    try:
+        kw = dict(host=host, port=port, policy=policy, discovery=discovery, dns_name=dns_name,
+                  dns_port=dns_port, ray_address=ray_address, api_keys_file=api_keys_file)
+        if worker:
+            kw["workers"] = worker
+        rs = RouterSettings(**kw)
+        app_ = create_app(rs)
+    except (ValidationError, ValueError) as e:
+        _fail(str(e))
+    uvicorn.run(app_, host=rs.host, port=rs.port, log_level="warning")
+
+
+@app.command("worker")
+def worker_cmd(pool: Annotated[str | None, typer.Option(help="pool path; none: no connector")] = None,
+               model: str | None = None, host: str = "127.0.0.1", port: int = 8000, cores: str | None = None,
+               kv_space_gb: float = 1.0, device: str = "cpu", pool_tcp_port: int = 7701):
+    """Run one vLLM worker with the connector in the foreground (one per pod on Kubernetes)."""
+    from beluga import model as model_mod
+    from beluga.workers.connector import connector_config
+    from beluga.workers.engine import EngineProcess, EngineSettings
+
+    s = EngineSettings(model=model or str(model_mod.path_or_raise()), host=host, port=port, cores=cores,
+                       kv_space_gb=kv_space_gb, device=device,
+                       connector=connector_config(pool, tcp_port=pool_tcp_port) if pool else None)
+    e = EngineProcess(s).start()
+    try:
+        e.proc.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        e.stop()
+
+
 def parse_size(text: str) -> int:
     units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
     t = text.strip().upper().removesuffix("B").removesuffix("I")

@@ -112,6 +112,8 @@ class SaveSpec:
 class BelugaMetadata(KVConnectorMetadata):
     loads: list[LoadSpec] = field(default_factory=list)
     saves: list[SaveSpec] = field(default_factory=list)
+    # Scheduler-side counts, carried to the worker whose Prometheus endpoint publishes them.
+    counts: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -144,6 +146,7 @@ class BelugaConnector(KVConnectorBase_V1):
         self._down_logged = False
         # scheduler side
         self.reqs: dict[str, _ReqState] = {}
+        self._pending: dict[str, float] = {}
         # worker side
         self.layout: cache_layout.CacheLayout | None = None
         self.invalid: set[int] = set()
@@ -174,8 +177,14 @@ class BelugaConnector(KVConnectorBase_V1):
     def _pool_ok(self) -> bool:
         return time.monotonic() >= self.down_until
 
+    def _count(self, name: str, value: float = 1) -> None:
+        if self.role == KVConnectorRole.WORKER:
+            METRICS[name].inc(value)
+        else:
+            self._pending[name] = self._pending.get(name, 0) + value
+
     def _pool_failed(self, what: str, err: Exception) -> None:
-        METRICS["fallbacks"].inc()
+        self._count("fallbacks")
         self.down_until = time.monotonic() + self.settings.retry_after_s
         if not self._down_logged:
             log.warning("pool unavailable during %s (%s); computing locally, retrying every %.0fs", what, err,
@@ -226,7 +235,8 @@ class BelugaConnector(KVConnectorBase_V1):
         st.plan.slots, st.plan.gens = st.plan.slots[:n], st.plan.gens[:n]
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
-        meta = BelugaMetadata()
+        meta = BelugaMetadata(counts=self._pending)
+        self._pending = {}
         for new in scheduler_output.scheduled_new_reqs:
             st = self.reqs.get(new.req_id)
             if st is None:
@@ -286,6 +296,12 @@ class BelugaConnector(KVConnectorBase_V1):
         log.info("BelugaConnector: %d layers, %d runs of %d bytes per block (%s)", lay.layers,
                  lay.runs.shape[1], lay.run_bytes, lay.signature)
 
+    def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
+        super().bind_connector_metadata(connector_metadata)
+        if isinstance(connector_metadata, BelugaMetadata):
+            for name, value in connector_metadata.counts.items():
+                METRICS[name].inc(value)
+
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         meta = self._get_connector_metadata()
         if not isinstance(meta, BelugaMetadata) or not meta.loads or self.layout is None:
@@ -326,7 +342,7 @@ class BelugaConnector(KVConnectorBase_V1):
     def _fail_blocks(self, spec: LoadSpec, first: int, err: Exception) -> None:
         """Tell vLLM to recompute these blocks (and, the chain being causal, all after them)."""
         self.invalid.update(spec.block_ids[first:])
-        METRICS["fallbacks"].inc()
+        self._count("fallbacks")
         log.warning("pool load failed for %d block(s): %s; recomputing", len(spec.block_ids) - first, err)
 
     def get_block_ids_with_load_errors(self) -> set[int]:

@@ -89,7 +89,7 @@ class EngineProcess:
         out = open(s.log_file, "ab") if s.log_file else subprocess.DEVNULL
         log.info("starting vLLM on %s (cores %s)", s.url, s.cores or "all")
         self.proc = subprocess.Popen(s.command(), env=s.environment(), stdout=out, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+                                     start_new_session=True, preexec_fn=_die_with_parent)
         return self
 
     @property
@@ -137,6 +137,13 @@ class EngineProcess:
 
     def __exit__(self, *exc):
         self.stop()
+
+
+def _die_with_parent() -> None:
+    """In the child: get SIGTERM when the process that started us dies (a killed Ray actor, Ctrl-C)."""
+    import ctypes
+
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def tail(path: str | None, lines: int = 30) -> str:

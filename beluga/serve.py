@@ -1,0 +1,122 @@
+"""`beluga serve`: the embedded default on one machine.
+
+A pool file under /dev/shm and its metadata server, N Ray-managed vLLM CPU workers with the connector
+(each bound to its own core), and the router on 127.0.0.1:8000. Ctrl-C stops every process it started.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import time
+
+import httpx
+from pydantic import BaseModel, Field
+
+log = logging.getLogger(__name__)
+
+
+class ServeSettings(BaseModel):
+    workers: int = Field(2, ge=1, le=64)
+    policy: str = "least-loaded"
+    pool: str = "/dev/shm/beluga-pool"
+    pool_size: int = Field(4 << 30, gt=0)
+    no_pool: bool = False
+    model: str | None = None
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    worker_base_port: int = Field(8100, ge=1, le=65000)
+    pool_admin_port: int = Field(7700, ge=0, le=65535)
+    pool_tcp_port: int = Field(7701, ge=0, le=65535)
+    kv_space_gb: float = Field(1.0, gt=0)
+    max_model_len: int = Field(8192, gt=0)
+    ray_address: str | None = None
+    log_dir: str = Field("/tmp/beluga-logs", description="engine and pool-server logs")
+
+
+def _cores(n_workers: int) -> list[str | None]:
+    ncpu = os.cpu_count() or 1
+    if n_workers == 1:
+        return [f"0-{ncpu - 1}" if ncpu > 1 else "0"]
+    return [str(i % ncpu) for i in range(n_workers)]
+
+
+class Stack:
+    """Everything `beluga serve` starts, in order, and stops in reverse."""
+
+    def __init__(self, s: ServeSettings):
+        self.s = s
+        self.pool_proc: subprocess.Popen | None = None
+        self.fleet = None
+
+    def start(self, status) -> None:
+        from beluga import model
+        from beluga.workers.connector import connector_config
+        from beluga.workers.engine import EngineSettings
+        from beluga.workers.fleet import Fleet
+
+        s = self.s
+        os.makedirs(s.log_dir, exist_ok=True)
+        mdir = s.model or str(model.path_or_raise())
+        if not s.no_pool:
+            status(f"starting the pool metadata server on {s.pool}")
+            self._start_pool(mdir)
+        cores = _cores(s.workers)
+        engines = [EngineSettings(
+            model=mdir, port=s.worker_base_port + i, cores=cores[i], kv_space_gb=s.kv_space_gb,
+            max_model_len=s.max_model_len, log_file=f"{s.log_dir}/worker-{i}.log",
+            connector=None if s.no_pool else connector_config(s.pool, tcp_port=s.pool_tcp_port))
+            for i in range(s.workers)]
+        status("starting Ray")
+        self.fleet = Fleet(engines, s.ray_address, num_cpus=os.cpu_count())
+        self.fleet.start(progress=lambda msg: status(f"starting vLLM workers: {msg}"))
+
+    def _start_pool(self, model_dir: str) -> None:
+        s = self.s
+        log_path = f"{self.s.log_dir}/pool-server.log"
+        cmd = [sys.executable, "-m", "beluga", "pool", "serve", "--path", s.pool, "--size", str(s.pool_size),
+               "--model-dir", model_dir, "--admin-port", str(s.pool_admin_port), "--tcp-port", str(s.pool_tcp_port)]
+        self.pool_proc = subprocess.Popen(cmd, stdout=open(log_path, "ab"), stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.pool_proc.poll() is not None:
+                raise RuntimeError(f"pool server exited; see {log_path}")
+            try:
+                if httpx.get(f"http://127.0.0.1:{s.pool_admin_port}/health", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        raise TimeoutError(f"pool server not up after 60 s; see {log_path}")
+
+    def stop(self) -> None:
+        if self.fleet is not None:
+            self.fleet.stop()
+            import ray
+
+            ray.shutdown()
+        if self.pool_proc is not None and self.pool_proc.poll() is None:
+            self.pool_proc.terminate()
+            try:
+                self.pool_proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.pool_proc.kill()
+
+
+def run(s: ServeSettings, console) -> None:
+    import uvicorn
+
+    from beluga.router.app import create_app
+    from beluga.router.settings import RouterSettings
+
+    stack = Stack(s)
+    try:
+        with console.status("starting") as st:
+            stack.start(lambda msg: st.update(msg))
+        rs = RouterSettings(host=s.host, port=s.port, policy=s.policy, discovery="ray", ray_address=s.ray_address)
+        console.print(f"[green]ready[/green]: OpenAI API on http://{s.host}:{s.port}/v1 "
+                      f"({s.workers} workers, policy {s.policy}, pool {'off' if s.no_pool else s.pool})")
+        uvicorn.run(create_app(rs), host=s.host, port=s.port, log_level="warning")
+    finally:
+        stack.stop()

@@ -1,0 +1,127 @@
+"""The workers the router knows, their health and load.
+
+Discovery sources give URLs; the registry health-checks each one (`GET /health`), ejects a worker that
+fails and readmits it when it answers again, and remembers which models each serves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import httpx
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Worker:
+    url: str
+    healthy: bool = False
+    in_flight: int = 0
+    in_flight_tokens: int = 0
+    failures: int = 0
+    models: set[str] = field(default_factory=set)
+
+    def view(self) -> dict:
+        return {"url": self.url, "healthy": self.healthy, "in_flight": self.in_flight,
+                "in_flight_tokens": self.in_flight_tokens, "models": sorted(self.models)}
+
+
+Source = Callable[[], Awaitable[list[str]]]
+
+
+def static_source(urls: list[str]) -> Source:
+    urls = [u.rstrip("/") for u in urls]
+
+    async def get() -> list[str]:
+        return urls
+
+    return get
+
+
+def dns_source(name: str, port: int) -> Source:
+    """Kubernetes headless service: every A record is a worker pod."""
+
+    async def get() -> list[str]:
+        loop = asyncio.get_running_loop()
+        try:
+            infos = await loop.getaddrinfo(name, port, type=socket.SOCK_STREAM)
+        except socket.gaierror as e:
+            log.warning("DNS discovery of %s failed: %s", name, e)
+            return []
+        return sorted({f"http://{i[4][0]}:{port}" for i in infos})
+
+    return get
+
+
+def ray_source(address: str | None) -> Source:
+    """The workers registered by `beluga.workers.fleet` in the Ray cluster."""
+
+    async def get() -> list[str]:
+        from beluga.workers.fleet import registered_urls  # imported lazily: Ray is optional here
+
+        return await asyncio.to_thread(registered_urls, address)
+
+    return get
+
+
+class Registry:
+    def __init__(self, source: Source, client: httpx.AsyncClient, interval_s: float = 2.0):
+        self.source, self.client, self.interval_s = source, client, interval_s
+        self.workers: dict[str, Worker] = {}
+        self._task: asyncio.Task | None = None
+
+    def healthy(self) -> list[Worker]:
+        return [w for w in self.workers.values() if w.healthy]
+
+    def models(self) -> set[str]:
+        return set().union(*(w.models for w in self.healthy())) if self.workers else set()
+
+    async def refresh(self) -> None:
+        urls = await self.source()
+        for u in urls:
+            self.workers.setdefault(u, Worker(u))
+        for u in list(self.workers):
+            if u not in urls and self.workers[u].in_flight == 0:
+                del self.workers[u]
+        await asyncio.gather(*(self._check(w) for w in list(self.workers.values())))
+
+    async def _check(self, w: Worker) -> None:
+        try:
+            r = await self.client.get(w.url + "/health", timeout=2.0)
+            ok = r.status_code == 200
+            if ok and not w.models:
+                m = await self.client.get(w.url + "/v1/models", timeout=2.0)
+                w.models = {d["id"] for d in m.json().get("data", [])}
+        except (httpx.HTTPError, ValueError):
+            ok = False
+        if ok != w.healthy:
+            log.info("worker %s is %s", w.url, "healthy" if ok else "unhealthy: ejected")
+        if not ok:
+            w.models = set()
+        w.healthy = ok
+        w.failures = 0 if ok else w.failures + 1
+
+    def eject(self, w: Worker, why: str) -> None:
+        if w.healthy:
+            log.warning("ejecting %s: %s", w.url, why)
+        w.healthy = False
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await self.refresh()
+            except Exception:  # discovery must never stop the router
+                log.exception("worker refresh failed")
+            await asyncio.sleep(self.interval_s)
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self.run())
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
