@@ -16,7 +16,9 @@ app = typer.Typer(help="Beluga-KV: a shared KV-cache pool for vLLM fleets.", no_
 model_app = typer.Typer(help="The bundled model (SmolLM2-135M-Instruct).", no_args_is_help=True)
 pool_app = typer.Typer(help="The shared KV pool and its metadata server.", no_args_is_help=True)
 app.add_typer(model_app, name="model")
+loadgen_app = typer.Typer(help="LV-Eval replay load generator.", no_args_is_help=True)
 app.add_typer(pool_app, name="pool")
+app.add_typer(loadgen_app, name="loadgen")
 console = Console(stderr=True)
 
 
@@ -59,6 +61,7 @@ def model_path():
 
 
 # -- pool ---------------------------------------------------------------------------------------------
+JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON")]
 PathOpt = Annotated[list[str] | None, typer.Option("--path", help="pool file or /dev/dax node (repeat to "
                                                    "interleave)")]
 
@@ -92,7 +95,7 @@ def _format_for(model_dir: str | None, block_tokens: int, dtype: str, layout: st
 def pool_create(path: PathOpt = None, size: Annotated[str, typer.Option(help="bytes, or 512M, 4G")] = "1G",
                 model_dir: Annotated[str | None, typer.Option(help="HF model folder (default: bundled)")] = None,
                 block_tokens: int = 128, dtype: str = "float32", layout: str = "cpu", hash_seed: str = "0",
-                clients: int = 64, group_access: bool = False, as_json: Annotated[bool, typer.Option("--json")] = False):
+                clients: int = 64, group_access: bool = False, as_json: JsonOpt = False):
     """Create and format a pool for a model's KV format (erases what the pool held)."""
     from beluga.cxlpool import pool as pool_mod
 
@@ -107,7 +110,7 @@ def pool_create(path: PathOpt = None, size: Annotated[str, typer.Option(help="by
 
 
 @pool_app.command("status")
-def pool_status(path: PathOpt = None, admin_port: int = 7700, as_json: Annotated[bool, typer.Option("--json")] = False):
+def pool_status(path: PathOpt = None, admin_port: int = 7700, as_json: JsonOpt = False):
     """Show a pool's format and, if its metadata server runs, its live statistics."""
     import httpx
 
@@ -148,7 +151,7 @@ def pool_serve(path: PathOpt = None, size: str = "1G", create: Annotated[bool, t
 
 
 @pool_app.command("bench")
-def pool_bench(as_json: Annotated[bool, typer.Option("--json")] = False, quick: bool = False):
+def pool_bench(as_json: JsonOpt = False, quick: bool = False):
     """Measure RPC latency (shm vs TCP), block write/read bandwidth, lookups, cache-line costs."""
     from beluga.cxlpool import bench
 
@@ -234,6 +237,61 @@ def worker_cmd(pool: Annotated[str | None, typer.Option(help="pool path; none: n
         pass
     finally:
         e.stop()
+
+
+# -- loadgen ------------------------------------------------------------------------------------------
+@loadgen_app.command("synth")
+def loadgen_synth(out: Annotated[Path, typer.Option(help="output folder")],
+                  subsets: Annotated[list[str] | None, typer.Option("--subsets", help="repeat per subset")] = None,
+                  rows: int = 8, length: str = "16k", seed: int = 0,
+                  words: Annotated[int | None, typer.Option(help="context words (default: the level's)")] = None):
+    """Write synthetic data in LV-Eval's own layout."""
+    from beluga.loadgen import synth
+
+    try:
+        for p in synth.write(out, subsets, rows, length, seed, words):
+            print(p)
+    except ValueError as e:
+        _fail(str(e))
+
+
+@loadgen_app.command("replay")
+def loadgen_replay(target: Annotated[str, typer.Option(help="OpenAI-compatible base URL")],
+                   data: Annotated[str, typer.Option(help="LV-Eval folder")],
+                   out: Annotated[str, typer.Option(help="output folder")],
+                   subsets: Annotated[list[str] | None, typer.Option("--subsets")] = None, length: str = "16k",
+                   passes: int = 2, concurrency: int | None = None, qps: float | None = None,
+                   max_input_tokens: int = 4000, max_tokens: int = 16, model: str | None = None,
+                   api_key: str | None = None, limit: int | None = None, tokenizer: str | None = None,
+                   endpoint: str = "completions", seed: int = 0, logprobs: int = 0,
+                   score: Annotated[bool, typer.Option("--score")] = False, name: str | None = None):
+    """Replay LV-Eval against an endpoint in passes; writes summary.json, requests.csv and plots."""
+    from pydantic import ValidationError
+
+    from beluga.loadgen import replay
+    from beluga.loadgen.dataset import DataError
+
+    try:
+        s = replay.ReplaySettings(target=target, data=data, out=out, subsets=subsets, length=length, passes=passes,
+                                  concurrency=concurrency, qps=qps, max_input_tokens=max_input_tokens,
+                                  max_tokens=max_tokens, model=model, api_key=api_key, limit=limit,
+                                  tokenizer=tokenizer, endpoint=endpoint, seed=seed, logprobs=logprobs,
+                                  do_score=score, name=name)
+        summary = replay.run(s)
+    except (ValidationError, DataError, replay.TargetError) as e:
+        _fail(str(e))
+    print(json.dumps(summary["passes"], indent=1))
+
+
+@loadgen_app.command("compare")
+def loadgen_compare(dirs: list[str]):
+    """A markdown table of several replay outputs side by side."""
+    from beluga.loadgen import report
+
+    try:
+        print(report.compare(dirs))
+    except FileNotFoundError as e:
+        _fail(str(e))
 
 
 def parse_size(text: str) -> int:
