@@ -25,6 +25,7 @@ console = Console(stderr=True)
 def _logging(verbose: bool = False) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
                         handlers=[RichHandler(console=console, show_path=False)], force=True)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per health check otherwise
 
 
 def _fail(msg: str) -> None:
@@ -170,7 +171,8 @@ def serve(workers: int = 2, policy: str = "least-loaded", pool: str = "/dev/shm/
                                                                         "the baseline")] = False,
           model: Annotated[str | None, typer.Option(help="HF model folder (default: bundled)")] = None,
           host: str = "127.0.0.1", port: int = 8000, worker_base_port: int = 8100, kv_space_gb: float = 1.0,
-          ray_address: str | None = None, log_dir: str = "/tmp/beluga-logs"):
+          ray_address: str | None = None, log_dir: str = "/tmp/beluga-logs", pool_admin_port: int = 7700,
+          pool_tcp_port: int = 7701):
     """Pool + metadata server + Ray-managed vLLM workers + router, on this machine, until Ctrl-C."""
     from pydantic import ValidationError
 
@@ -179,7 +181,8 @@ def serve(workers: int = 2, policy: str = "least-loaded", pool: str = "/dev/shm/
     try:
         s = ServeSettings(workers=workers, policy=policy, pool=pool, pool_size=parse_size(pool_size),
                           no_pool=no_pool, model=model, host=host, port=port, worker_base_port=worker_base_port,
-                          kv_space_gb=kv_space_gb, ray_address=ray_address, log_dir=log_dir)
+                          kv_space_gb=kv_space_gb, ray_address=ray_address, log_dir=log_dir,
+                          pool_admin_port=pool_admin_port, pool_tcp_port=pool_tcp_port)
         from beluga.router import policies
 
         policies.make(policy)

@@ -385,12 +385,15 @@ class ShmEndpoint:
         # A request may have landed between the last poll and the flag: look once more.
         base = self.base + self.geo.rpc_off + W_REQ_SEQ * 8
         if native.poll_requests(base, self.geo.rpc_bytes, self.geo.n_clients, self.seen, 1) < 0:
-            select.select([self.bell], [], [], 0.05)
             try:
+                select.select([self.bell], [], [], 0.05)
                 while True:
                     self.bell.recv(64)
             except BlockingIOError:
                 pass
+            except (OSError, ValueError):  # closed under us: we are stopping
+                if not self.stop.is_set():
+                    raise
         self.status["sleeping"] = 0
 
     def _handle(self, c: int) -> None:

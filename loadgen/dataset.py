@@ -62,7 +62,8 @@ def path_for(root: str | Path, subset: str, length: str) -> Path:
 
 
 def subsets_in(root: str | Path, length: str) -> list[str]:
-    return sorted(p.parent.name for p in Path(root).glob(f"*/*_{length}.jsonl") if p.stem == f"{p.parent.name}_{length}")
+    found = Path(root).glob(f"*/*_{length}.jsonl")
+    return sorted(p.parent.name for p in found if p.stem == f"{p.parent.name}_{length}")
 
 
 def read_file(path: str | Path, subset: str | None = None) -> list[Row]:

@@ -30,7 +30,7 @@ def make_rows(subset: str, rows: int, length: str, seed: int, words: int | None 
     rng = random.Random(f"{seed}/{subset}/{length}")
     target = words or WORDS_PER_LEVEL[length]
     out = []
-    for i in range(rows):
+    for _ in range(rows):
         place, name = rng.choice(_NOUNS), rng.choice(_NAMES)
         year = rng.randint(1200, 2020)
         fact = f"The {place} of {name} was founded in {year}."

@@ -25,13 +25,12 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 from beluga.cxlpool.client import IntegrityError, PoolClient
 from beluga.cxlpool.layout import PoolFormatError
 from beluga.cxlpool.rpc import PoolUnavailable
 from beluga.cxlpool.settings import PoolSettings
-from beluga.kernels import cpu as cpu_kernels
 from beluga.kernels import layout as cache_layout
+from beluga.workers.datapath import DataPath
 from beluga.workers.kvformat import CRYPTO_HASHES, kv_format, model_id_for
 from prometheus_client import Counter, start_http_server
 from pydantic import BaseModel, Field, ValidationError
@@ -148,7 +147,7 @@ class BelugaConnector(KVConnectorBase_V1):
         self.reqs: dict[str, _ReqState] = {}
         self._pending: dict[str, float] = {}
         # worker side
-        self.layout: cache_layout.CacheLayout | None = None
+        self.path: DataPath | None = None
         self.invalid: set[int] = set()
         if role == KVConnectorRole.WORKER and self.settings.metrics_port is not None:
             start_http_server(self.settings.metrics_port, addr="127.0.0.1")
@@ -292,7 +291,8 @@ class BelugaConnector(KVConnectorBase_V1):
         if lay.block_bytes != self.fmt.block_bytes:
             raise ValueError(f"BelugaConnector: the engine's cache blocks are {lay.block_bytes} bytes "
                              f"({lay.signature}), the pool's format says {self.fmt.block_bytes}")
-        self.layout = lay
+        first = kv_caches[names[0]]
+        self.path = DataPath(self.client, lay, on_gpu=getattr(first, "is_cuda", False))
         log.info("BelugaConnector: %d layers, %d runs of %d bytes per block (%s)", lay.layers,
                  lay.runs.shape[1], lay.run_bytes, lay.signature)
 
@@ -304,7 +304,7 @@ class BelugaConnector(KVConnectorBase_V1):
 
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         meta = self._get_connector_metadata()
-        if not isinstance(meta, BelugaMetadata) or not meta.loads or self.layout is None:
+        if not isinstance(meta, BelugaMetadata) or not meta.loads or self.path is None:
             return
         t0 = time.perf_counter()
         for spec in meta.loads:
@@ -318,13 +318,7 @@ class BelugaConnector(KVConnectorBase_V1):
         except (IntegrityError, PoolUnavailable, RuntimeError) as e:
             self._fail_blocks(spec, 0, e)
             return
-        for s in spec.slots[:n]:
-            self.client.coh.before_external_read(self.client.slot_offset(s), self.fmt.block_bytes)
-        lay = self.layout
-        got = np.zeros(n, np.uint64)
-        addrs = np.array([self.client.slot_addr(s) for s in spec.slots[:n]], np.int64)
-        cpu_kernels.scatter(lay.bases, lay.block_stride, lay.runs, lay.run_bytes,
-                            np.asarray(spec.block_ids, np.int64), addrs, got)
+        got = self.path.load(spec.slots[:n], spec.block_ids[:n])
         bad = [i for i in range(n) if int(got[i]) != expected[i]]
         if bad:
             first = bad[0]
@@ -357,7 +351,7 @@ class BelugaConnector(KVConnectorBase_V1):
 
     def wait_for_save(self):
         meta = self._get_connector_metadata()
-        if not isinstance(meta, BelugaMetadata) or not meta.saves or self.layout is None or not self._pool_ok():
+        if not isinstance(meta, BelugaMetadata) or not meta.saves or self.path is None or not self._pool_ok():
             return
         t0 = time.perf_counter()
         for spec in meta.saves:
@@ -374,18 +368,14 @@ class BelugaConnector(KVConnectorBase_V1):
         todo = [(i, s, g) for i, (s, g) in enumerate(got) if s >= 0]
         if not todo:
             return
-        lay = self.layout
-        addrs = np.array([self.client.slot_addr(s) for _, s, _ in todo], np.int64)
-        ids = np.array([spec.block_ids[i] for i, _, _ in todo], np.int64)
-        sums = np.zeros(len(todo), np.uint64)
-        cpu_kernels.gather(lay.bases, lay.block_stride, lay.runs, lay.run_bytes, ids, addrs, sums)
-        for a in addrs.tolist():
-            self.client.coh.wrote_externally(a - self.client.base, self.fmt.block_bytes)
+        sums = self.path.save([spec.block_ids[i] for i, _, _ in todo], [s for _, s, _ in todo])
         self.client.commit([(s, g, int(c)) for (_, s, g), c in zip(todo, sums, strict=True)])
         METRICS["saved_blocks"].inc(len(todo))
         METRICS["saved_bytes"].inc(len(todo) * self.fmt.block_bytes)
 
     def shutdown(self):
+        if self.path is not None:
+            self.path.close()
         self.client.close()
 
 

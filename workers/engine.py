@@ -120,16 +120,23 @@ class EngineProcess:
         raise TimeoutError(f"vLLM on {self.settings.url} not healthy after {self.settings.start_timeout_s}s")
 
     def stop(self, grace_s: float = 15.0) -> None:
-        if not self.proc or self.proc.poll() is not None:
+        """Stop the server and everything in its process group (its engine core and workers too, which
+        outlive a server that was SIGKILLed)."""
+        if not self.proc:
             return
         try:
             os.killpg(self.proc.pid, signal.SIGTERM)
-            self.proc.wait(grace_s)
-        except subprocess.TimeoutExpired:
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline and _group_alive(self.proc.pid):
+            self.proc.poll()
+            time.sleep(0.1)
+        try:
             os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(5)
         except ProcessLookupError:
             pass
+        self.proc.poll()
 
     def __enter__(self):
         self.start().wait_ready()
@@ -137,6 +144,14 @@ class EngineProcess:
 
     def __exit__(self, *exc):
         self.stop()
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
 
 
 def _die_with_parent() -> None:

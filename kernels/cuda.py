@@ -1,0 +1,204 @@
+"""GPU block copies between vLLM's paged KV cache (device memory) and pool slots (host memory, registered
+and mapped into the GPU's address space), with numba-cuda.
+
+One launch moves many blocks, all layers (or a range of layers, so that loading can overlap the forward
+pass layer by layer). Each CUDA block copies one contiguous run with 16-byte loads and stores, so a warp
+moves 512 contiguous bytes per instruction; the pool is written in place over PCIe, with no bounce
+buffer. The checksum is the same as the CPU kernels' (see `kernels.cpu`): each thread sums its words and
+adds the sum to its block's total atomically.
+
+Under `NUMBA_ENABLE_CUDASIM=1` (CI has no GPU) the same kernels run on the CPU, addresses being host
+addresses; there the 16-byte accesses fall back to two 8-byte ones.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+if not hasattr(np, "row_stack"):  # numba-cuda 0.30.4 calls numpy.row_stack, removed in numpy 2.4
+    np.row_stack = np.vstack
+
+from beluga.kernels.layout import CacheLayout  # noqa: E402
+from numba import config, cuda, types  # noqa: E402
+from numba.extending import intrinsic  # noqa: E402
+
+K1 = np.uint64(0x9E3779B97F4A7C15)
+K2 = np.uint64(0xBF58476D1CE4E5B9)
+SIMULATED = bool(config.ENABLE_CUDASIM)
+THREADS = 32 if SIMULATED else 256
+CHUNK = 64 << 30  # cuMemHostRegister is done in pieces of at most 64 GiB
+
+if SIMULATED:
+    import ctypes
+
+    def ld2(addr):
+        return (np.uint64(ctypes.c_uint64.from_address(int(addr)).value),
+                np.uint64(ctypes.c_uint64.from_address(int(addr) + 8).value))
+
+    def st2(addr, lo, hi):
+        ctypes.c_uint64.from_address(int(addr)).value = int(lo)
+        ctypes.c_uint64.from_address(int(addr) + 8).value = int(hi)
+
+else:
+    from llvmlite import ir
+
+    _v2 = ir.VectorType(ir.IntType(64), 2)
+
+    @intrinsic
+    def ld2(typingctx, addr):
+        """One 16-byte global load (ld.global.v2.u64)."""
+        sig = types.UniTuple(types.uint64, 2)(types.int64)
+
+        def codegen(context, builder, sig, args):
+            v = builder.load(builder.inttoptr(args[0], ir.PointerType(_v2)), align=16)
+            items = [builder.extract_element(v, ir.Constant(ir.IntType(32), i)) for i in range(2)]
+            return context.make_tuple(builder, sig.return_type, items)
+
+        return sig, codegen
+
+    @intrinsic
+    def st2(typingctx, addr, lo, hi):
+        """One 16-byte global store (st.global.v2.u64)."""
+        sig = types.void(types.int64, types.uint64, types.uint64)
+
+        def codegen(context, builder, sig, args):
+            v = ir.Constant(_v2, ir.Undefined)
+            v = builder.insert_element(v, args[1], ir.Constant(ir.IntType(32), 0))
+            v = builder.insert_element(v, args[2], ir.Constant(ir.IntType(32), 1))
+            builder.store(v, builder.inttoptr(args[0], ir.PointerType(_v2)), align=16)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+
+@cuda.jit
+def _copy(bases, block_stride, runs, run_bytes, layer_lo, layer_hi, block_ids, slot_addrs, checksums, to_pool):
+    """blockIdx.x enumerates (block i, layer l in [lo, hi), run r); threads stride over 16-byte words."""
+    n_runs = runs.shape[1]
+    per_block = (layer_hi - layer_lo) * n_runs
+    job = cuda.blockIdx.x
+    i = job // per_block
+    rem = job - i * per_block
+    layer = layer_lo + rem // n_runs
+    r = rem - (rem // n_runs) * n_runs
+    cache_addr = bases[layer] + block_ids[i] * block_stride[layer] + runs[layer, r]
+    pos = (layer * n_runs + r) * run_bytes
+    slot_addr = slot_addrs[i] + pos
+    word0 = np.uint64(pos // 8)
+    acc = np.uint64(0)
+    for w in range(cuda.threadIdx.x, run_bytes // 16, cuda.blockDim.x):
+        if to_pool:
+            lo, hi = ld2(cache_addr + w * 16)
+            st2(slot_addr + w * 16, lo, hi)
+        else:
+            lo, hi = ld2(slot_addr + w * 16)
+            st2(cache_addr + w * 16, lo, hi)
+        idx = word0 + np.uint64(2 * w)
+        acc += (lo ^ (idx * K1)) * K2 + (hi ^ ((idx + np.uint64(1)) * K1)) * K2
+    cuda.atomic.add(checksums, i, acc)
+
+
+class _Launcher:
+    """Per-layout launch state kept across calls, so a launch costs one kernel and nothing else: the
+    layout's arrays live on the device, and block ids, slot addresses and checksums go through mapped
+    (zero-copy) host memory that the kernel reads and writes directly."""
+
+    def __init__(self, layout: CacheLayout):
+        self.layout = layout
+        self.bases = cuda.to_device(layout.bases)
+        self.stride = cuda.to_device(layout.block_stride)
+        self.runs = cuda.to_device(layout.runs)
+        self.cap = 0
+        self._grow(64)
+
+    def _grow(self, n: int) -> None:
+        self.cap = max(n, 2 * self.cap)
+        self.ids = cuda.mapped_array(self.cap, np.int64)
+        self.addrs = cuda.mapped_array(self.cap, np.int64)
+        self.sums = cuda.mapped_array(self.cap, np.uint64)
+
+    def run(self, block_ids, slot_addrs, to_pool: bool, layers, stream) -> np.ndarray:
+        lay = self.layout
+        if lay.run_bytes % 16:
+            raise ValueError(f"runs of {lay.run_bytes} bytes are not a multiple of 16")
+        lo, hi = layers if layers is not None else (0, lay.layers)
+        n = len(block_ids)
+        if n == 0:
+            return np.zeros(0, np.uint64)
+        if n > self.cap:
+            self._grow(n)
+        self.ids[:n] = block_ids
+        self.addrs[:n] = slot_addrs
+        self.sums[:n] = 0
+        grid = n * (hi - lo) * lay.runs.shape[1]
+        _copy[grid, THREADS, stream](self.bases, self.stride, self.runs, lay.run_bytes, lo, hi, self.ids[:n],
+                                     self.addrs[:n], self.sums[:n], to_pool)
+        if stream:
+            stream.synchronize()
+        else:
+            cuda.synchronize()
+        return np.array(self.sums[:n])
+
+
+_launchers: dict[int, _Launcher] = {}
+
+
+def _launch(layout: CacheLayout, block_ids, slot_addrs, to_pool: bool, layers=None, stream=0) -> np.ndarray:
+    key = id(layout)
+    if key not in _launchers or _launchers[key].layout is not layout:
+        _launchers[key] = _Launcher(layout)
+    return _launchers[key].run(block_ids, slot_addrs, to_pool, layers, stream)
+
+
+def gather(layout: CacheLayout, block_ids, slot_addrs, layers=None, stream=0) -> np.ndarray:
+    """GPU cache -> pool slots (device addresses of the mapped pool). Returns per-block partial checksums
+    (over the layers copied; add the partials of all layer ranges for a whole block)."""
+    return _launch(layout, block_ids, slot_addrs, True, layers, stream)
+
+
+def scatter(layout: CacheLayout, block_ids, slot_addrs, layers=None, stream=0) -> np.ndarray:
+    """Pool slots -> GPU cache; returns the checksums of what was read."""
+    return _launch(layout, block_ids, slot_addrs, False, layers, stream)
+
+
+class Registration:
+    """The pool's memory registered with CUDA (portable, device-mapped), in pieces of at most 64 GiB.
+
+    Idempotent: memory already registered (by us or another library) is used as it is. `device_addr`
+    maps a host address in the pool to the address a kernel uses.
+    """
+
+    def __init__(self, host_addr: int, nbytes: int):
+        self.host_addr, self.nbytes = host_addr, nbytes
+        self.pieces: list[int] = []
+        self.offset = 0
+        if SIMULATED:
+            return
+        from cuda.bindings import driver as cu
+
+        flags = cu.CU_MEMHOSTREGISTER_PORTABLE | cu.CU_MEMHOSTREGISTER_DEVICEMAP
+        for start in range(0, nbytes, CHUNK):
+            size = min(CHUNK, nbytes - start)
+            (err,) = cu.cuMemHostRegister(host_addr + start, size, flags)
+            if err == cu.CUresult.CUDA_SUCCESS:
+                self.pieces.append(host_addr + start)
+            elif err != cu.CUresult.CUDA_ERROR_HOST_MEMORY_ALREADY_REGISTERED:
+                self.close()
+                raise RuntimeError(f"cuMemHostRegister of {size} bytes at {host_addr + start:#x} failed: {err}")
+        err, dptr = cu.cuMemHostGetDevicePointer(host_addr, 0)
+        if err != cu.CUresult.CUDA_SUCCESS:
+            self.close()
+            raise RuntimeError(f"cuMemHostGetDevicePointer failed: {err}")
+        self.offset = int(dptr) - host_addr
+
+    def device_addr(self, host_addr: int) -> int:
+        return host_addr + self.offset
+
+    def close(self) -> None:
+        if SIMULATED:
+            return
+        from cuda.bindings import driver as cu
+
+        for p in self.pieces:
+            cu.cuMemHostUnregister(p)
+        self.pieces = []

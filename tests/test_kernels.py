@@ -1,0 +1,72 @@
+"""Kernels: CPU gather/scatter directly; CUDA kernels through numba's simulator (CI has no GPU: the
+simulator stands in for the device; tests/gpu_checks.py runs the same checks on a real GPU)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from beluga.kernels import cpu, layout
+from gpu_checks import GEOMETRIES, block_bytes_ref
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def caches(layers, heads, dim, dtype, tokens, nb, kind, zero=False):
+    shape = {"flash": (2, nb, tokens, heads, dim), "flashinfer": (nb, 2, tokens, heads, dim),
+             "cpu": (nb, heads, tokens, 2 * dim)}[kind]
+    torch.manual_seed(0)
+    return [torch.zeros(shape, dtype=dtype) if zero else torch.randn(shape).to(dtype) for _ in range(layers)]
+
+
+@pytest.mark.parametrize("geo", list(GEOMETRIES))
+@pytest.mark.parametrize("kind", ["cpu", "flash", "flashinfer"])
+def test_cpu_gather_scatter_byte_exact(geo, kind):
+    layers, heads, dim, dtype, tokens = GEOMETRIES[geo]
+    nb = 6
+    src = caches(layers, heads, dim, dtype, tokens, nb, kind)
+    lay = layout.from_tensors(src, nb)
+    assert lay.block_bytes == layers * 2 * tokens * heads * dim * src[0].element_size()
+    ids = np.array([4, 1, 5], np.int64)
+    pool = np.zeros((3, lay.block_bytes), np.uint8)
+    addrs = np.array([pool[i].ctypes.data for i in range(3)], np.int64)
+    sums = np.zeros(3, np.uint64)
+    cpu.gather(lay.bases, lay.block_stride, lay.runs, lay.run_bytes, ids, addrs, sums)
+    for i, b in enumerate(ids):
+        assert (pool[i] == block_bytes_ref(src, kind, int(b))).all()
+        assert int(sums[i]) == int(cpu.checksum(pool[i].ctypes.data, lay.block_bytes))
+    dst = caches(layers, heads, dim, dtype, tokens, nb, kind, zero=True)
+    dlay = layout.from_tensors(dst, nb)
+    back = np.zeros(3, np.uint64)
+    cpu.scatter(dlay.bases, dlay.block_stride, dlay.runs, dlay.run_bytes, ids, addrs, back)
+    assert (back == sums).all()
+    for s, d in zip(src, dst, strict=True):
+        sel = torch.as_tensor(ids)
+        assert torch.equal(s[:, sel] if kind == "flash" else s[sel], d[:, sel] if kind == "flash" else d[sel])
+    untouched = [i for i in range(nb) if i not in ids]
+    assert all(not d[:, untouched].any() if kind == "flash" else not d[untouched].any() for d in dst)
+
+
+def test_checksum_is_position_sensitive():
+    a = np.arange(512, dtype=np.uint64)
+    b = a.copy()
+    b[[3, 300]] = b[[300, 3]]  # same words, two swapped
+    assert cpu.checksum(a.ctypes.data, a.nbytes) != cpu.checksum(b.ctypes.data, b.nbytes)
+
+
+def test_layouts_that_cannot_be_described_are_refused():
+    with pytest.raises(layout.LayoutError, match="no dimension of size 7"):
+        layout.from_tensors([torch.zeros(4, 3, 2)], 7)
+    with pytest.raises(layout.LayoutError, match="layers differ"):
+        layout.from_tensors([torch.zeros(4, 3, 16), torch.zeros(4, 3, 8)], 4)
+
+
+def test_cuda_kernels_in_the_simulator():
+    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
+    r = subprocess.run([sys.executable, "tests/gpu_checks.py"], env=env, capture_output=True, text=True, timeout=280)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert "all checks passed" in r.stdout and r.stdout.count("ok ") == 10
