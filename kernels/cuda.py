@@ -176,6 +176,7 @@ class Registration:
             return
         from cuda.bindings import driver as cu
 
+        cuda.current_context()  # the driver API needs a current (primary) context, the one torch shares
         flags = cu.CU_MEMHOSTREGISTER_PORTABLE | cu.CU_MEMHOSTREGISTER_DEVICEMAP
         for start in range(0, nbytes, CHUNK):
             size = min(CHUNK, nbytes - start)
