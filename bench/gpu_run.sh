@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/beluga-gpu-out}
 mkdir -p "$OUT" /tmp/pkg/beluga
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
+python3 -m pip install -q --upgrade --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
 cp beluga/*.py /tmp/pkg/beluga/
 for d in cxlpool kernels workers router loadgen; do ln -sfn "$PWD/$d" "/tmp/pkg/beluga/$d"; done
 export PYTHONPATH=/tmp/pkg:/tmp/site:$PWD/tests PYTHONUNBUFFERED=1

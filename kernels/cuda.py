@@ -131,8 +131,8 @@ class _Launcher:
         self.addrs[:n] = slot_addrs
         self.sums[:n] = 0
         grid = n * (hi - lo) * lay.runs.shape[1]
-        _copy[grid, THREADS, stream](self.bases, self.stride, self.runs, lay.run_bytes, lo, hi, self.ids[:n],
-                                     self.addrs[:n], self.sums[:n], to_pool)
+        launch = _copy[grid, THREADS, stream] if stream else _copy[grid, THREADS]
+        launch(self.bases, self.stride, self.runs, lay.run_bytes, lo, hi, self.ids, self.addrs, self.sums, to_pool)
         if stream:
             stream.synchronize()
         else:
