@@ -72,8 +72,12 @@ else:
 
 
 @cuda.jit
-def _copy(bases, block_stride, runs, run_bytes, layer_lo, layer_hi, block_ids, slot_addrs, checksums, to_pool):
-    """blockIdx.x enumerates (block i, layer l in [lo, hi), run r); threads stride over 16-byte words."""
+def _copy(bases, block_stride, runs, run_bytes, layer_lo, layer_hi, block_ids, slot_addrs, partials, to_pool):
+    """blockIdx.x enumerates (block i, layer l in [lo, hi), run r); threads stride over 16-byte words.
+
+    The block id and slot address are read once per CUDA block (they sit in mapped host memory, a PCIe
+    round trip away); the checksum is reduced in shared memory and written once per CUDA block, with no
+    atomics (atomics on host-mapped memory cross PCIe one by one)."""
     n_runs = runs.shape[1]
     per_block = (layer_hi - layer_lo) * n_runs
     job = cuda.blockIdx.x
@@ -81,12 +85,19 @@ def _copy(bases, block_stride, runs, run_bytes, layer_lo, layer_hi, block_ids, s
     rem = job - i * per_block
     layer = layer_lo + rem // n_runs
     r = rem - (rem // n_runs) * n_runs
-    cache_addr = bases[layer] + block_ids[i] * block_stride[layer] + runs[layer, r]
+    shared_ids = cuda.shared.array(2, types.int64)
+    red = cuda.shared.array(THREADS, types.uint64)
+    tid = cuda.threadIdx.x
+    if tid == 0:
+        shared_ids[0] = block_ids[i]
+        shared_ids[1] = slot_addrs[i]
+    cuda.syncthreads()
+    cache_addr = bases[layer] + shared_ids[0] * block_stride[layer] + runs[layer, r]
     pos = (layer * n_runs + r) * run_bytes
-    slot_addr = slot_addrs[i] + pos
+    slot_addr = shared_ids[1] + pos
     word0 = np.uint64(pos // 8)
     acc = np.uint64(0)
-    for w in range(cuda.threadIdx.x, run_bytes // 16, cuda.blockDim.x):
+    for w in range(tid, run_bytes // 16, THREADS):
         if to_pool:
             lo, hi = ld2(cache_addr + w * 16)
             st2(slot_addr + w * 16, lo, hi)
@@ -95,13 +106,22 @@ def _copy(bases, block_stride, runs, run_bytes, layer_lo, layer_hi, block_ids, s
             st2(cache_addr + w * 16, lo, hi)
         idx = word0 + np.uint64(2 * w)
         acc += (lo ^ (idx * K1)) * K2 + (hi ^ ((idx + np.uint64(1)) * K1)) * K2
-    cuda.atomic.add(checksums, i, acc)
+    red[tid] = acc
+    cuda.syncthreads()
+    step = THREADS // 2
+    while step > 0:
+        if tid < step:
+            red[tid] += red[tid + step]
+        cuda.syncthreads()
+        step //= 2
+    if tid == 0:
+        partials[job] = red[0]
 
 
 class _Launcher:
     """Per-layout launch state kept across calls, so a launch costs one kernel and nothing else: the
-    layout's arrays live on the device, and block ids, slot addresses and checksums go through mapped
-    (zero-copy) host memory that the kernel reads and writes directly."""
+    layout's arrays live on the device; block ids, slot addresses and per-CUDA-block checksum partials go
+    through mapped (zero-copy) host memory."""
 
     def __init__(self, layout: CacheLayout):
         self.layout = layout
@@ -109,13 +129,17 @@ class _Launcher:
         self.stride = cuda.to_device(layout.block_stride)
         self.runs = cuda.to_device(layout.runs)
         self.cap = 0
-        self._grow(64)
+        self.pcap = 0
+        self._grow(64, 64 * layout.layers * layout.runs.shape[1])
 
-    def _grow(self, n: int) -> None:
-        self.cap = max(n, 2 * self.cap)
-        self.ids = cuda.mapped_array(self.cap, np.int64)
-        self.addrs = cuda.mapped_array(self.cap, np.int64)
-        self.sums = cuda.mapped_array(self.cap, np.uint64)
+    def _grow(self, n: int, jobs: int) -> None:
+        if n > self.cap:
+            self.cap = max(n, 2 * self.cap)
+            self.ids = cuda.mapped_array(self.cap, np.int64)
+            self.addrs = cuda.mapped_array(self.cap, np.int64)
+        if jobs > self.pcap:
+            self.pcap = max(jobs, 2 * self.pcap)
+            self.partials = cuda.mapped_array(self.pcap, np.uint64)
 
     def run(self, block_ids, slot_addrs, to_pool: bool, layers, stream) -> np.ndarray:
         lay = self.layout
@@ -125,19 +149,18 @@ class _Launcher:
         n = len(block_ids)
         if n == 0:
             return np.zeros(0, np.uint64)
-        if n > self.cap:
-            self._grow(n)
+        grid = n * (hi - lo) * lay.runs.shape[1]
+        self._grow(n, grid)
         self.ids[:n] = block_ids
         self.addrs[:n] = slot_addrs
-        self.sums[:n] = 0
-        grid = n * (hi - lo) * lay.runs.shape[1]
         launch = _copy[grid, THREADS, stream] if stream else _copy[grid, THREADS]
-        launch(self.bases, self.stride, self.runs, lay.run_bytes, lo, hi, self.ids, self.addrs, self.sums, to_pool)
+        launch(self.bases, self.stride, self.runs, lay.run_bytes, lo, hi, self.ids, self.addrs, self.partials,
+               to_pool)
         if stream:
             stream.synchronize()
         else:
             cuda.synchronize()
-        return np.array(self.sums[:n])
+        return np.asarray(self.partials[:grid]).reshape(n, -1).sum(axis=1, dtype=np.uint64)
 
 
 _launchers: dict[int, _Launcher] = {}
