@@ -30,7 +30,6 @@ TOKENS = 16
 
 def cpu_bench(repeat: int = 5) -> dict:
     import torch
-
     from beluga.kernels import cpu, layout
 
     layers, heads, dim = 30, 3, 64  # the bundled model on vLLM's CPU backend, 128-token blocks
@@ -69,7 +68,6 @@ def _timed(fn) -> float:
 
 def gpu_bench(counts=(1, 16, 256), repeat: int = 10) -> dict:
     import torch
-
     from beluga.cxlpool.region import Region
     from beluga.kernels import cuda as ck
     from beluga.kernels import layout
@@ -160,7 +158,7 @@ def gpu_bench(counts=(1, 16, 256), repeat: int = 10) -> dict:
             reg.close()
             region.close()
             os.unlink(path)
-        del caches
+        caches = None
         torch.cuda.empty_cache()
     return {"card": torch.cuda.get_device_name(), "rows": rows}
 
@@ -184,7 +182,6 @@ def multi_gpu_bench(n_blocks: int = 256) -> dict | None:
 
 def one_gpu(gpu: int, n: int) -> None:
     import torch
-
     from beluga.cxlpool.region import Region
     from beluga.kernels import cuda as ck
     from beluga.kernels import layout
@@ -219,7 +216,8 @@ def table(res: dict) -> str:
     for r in res["rows"]:
         lines.append(f"| {r['geometry']} | {r['blocks']} | {r['bytes'] / 1e6:.1f} | {r['ceiling_GBps']:.1f} | "
                      f"{r['gather_GBps']:.1f} | {r['scatter_GBps']:.1f} | {r['per_block_GBps']:.2f} | "
-                     f"{r['index_select_GBps']:.1f} | {r['gather_us']:.0f} | {r['gather_wall_us']:.0f} | {r['ceiling_us']:.0f} | "
+                     f"{r['index_select_GBps']:.1f} | {r['gather_us']:.0f} | {r['gather_wall_us']:.0f} | "
+                     f"{r['ceiling_us']:.0f} | "
                      f"{r['gather_vs_ceiling']:.2f} | {r['gather_vs_per_block']:.0f}x |")
     return "\n".join(lines)
 

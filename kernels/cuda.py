@@ -71,14 +71,17 @@ else:
         return sig, codegen
 
 
+UNROLL = 4  # 16-byte words each thread has in flight per iteration: loads issued before stores
+
+
 @cuda.jit
-def _copy(bases, block_stride, runs, run_bytes, layer_lo, layer_hi, block_ids, slot_addrs, partials, to_pool):
+def _copy(meta, n_layers, n_runs, run_bytes, layer_lo, layer_hi, req, partials, to_pool):
     """blockIdx.x enumerates (block i, layer l in [lo, hi), run r); threads stride over 16-byte words.
 
-    The block id and slot address are read once per CUDA block (they sit in mapped host memory, a PCIe
-    round trip away); the checksum is reduced in shared memory and written once per CUDA block, with no
-    atomics (atomics on host-mapped memory cross PCIe one by one)."""
-    n_runs = runs.shape[1]
+    meta (device): bases[n_layers], block strides[n_layers], run offsets[n_layers * n_runs].
+    req (mapped host memory): block ids in row 0, slot addresses in row 1; read once per CUDA block,
+    since each read is a PCIe round trip. The checksum is reduced in shared memory and written once per
+    CUDA block, with no atomics (atomics on host-mapped memory cross PCIe one by one)."""
     per_block = (layer_hi - layer_lo) * n_runs
     job = cuda.blockIdx.x
     i = job // per_block
@@ -89,23 +92,38 @@ def _copy(bases, block_stride, runs, run_bytes, layer_lo, layer_hi, block_ids, s
     red = cuda.shared.array(THREADS, types.uint64)
     tid = cuda.threadIdx.x
     if tid == 0:
-        shared_ids[0] = block_ids[i]
-        shared_ids[1] = slot_addrs[i]
+        shared_ids[0] = req[0, i]
+        shared_ids[1] = req[1, i]
     cuda.syncthreads()
-    cache_addr = bases[layer] + shared_ids[0] * block_stride[layer] + runs[layer, r]
+    cache_addr = meta[layer] + shared_ids[0] * meta[n_layers + layer] + meta[2 * n_layers + layer * n_runs + r]
     pos = (layer * n_runs + r) * run_bytes
     slot_addr = shared_ids[1] + pos
+    src = cache_addr if to_pool else slot_addr
+    dst = slot_addr if to_pool else cache_addr
     word0 = np.uint64(pos // 8)
+    nw = run_bytes // 16
     acc = np.uint64(0)
-    for w in range(tid, run_bytes // 16, THREADS):
-        if to_pool:
-            lo, hi = ld2(cache_addr + w * 16)
-            st2(slot_addr + w * 16, lo, hi)
-        else:
-            lo, hi = ld2(slot_addr + w * 16)
-            st2(cache_addr + w * 16, lo, hi)
-        idx = word0 + np.uint64(2 * w)
-        acc += (lo ^ (idx * K1)) * K2 + (hi ^ ((idx + np.uint64(1)) * K1)) * K2
+    for base in range(tid, nw, THREADS * UNROLL):
+        lo0, hi0 = ld2(src + base * 16)
+        w1, w2, w3 = base + THREADS, base + 2 * THREADS, base + 3 * THREADS
+        lo1 = hi1 = lo2 = hi2 = lo3 = hi3 = np.uint64(0)
+        if w1 < nw:
+            lo1, hi1 = ld2(src + w1 * 16)
+        if w2 < nw:
+            lo2, hi2 = ld2(src + w2 * 16)
+        if w3 < nw:
+            lo3, hi3 = ld2(src + w3 * 16)
+        st2(dst + base * 16, lo0, hi0)
+        acc += _mix(lo0, hi0, word0 + np.uint64(2 * base))
+        if w1 < nw:
+            st2(dst + w1 * 16, lo1, hi1)
+            acc += _mix(lo1, hi1, word0 + np.uint64(2 * w1))
+        if w2 < nw:
+            st2(dst + w2 * 16, lo2, hi2)
+            acc += _mix(lo2, hi2, word0 + np.uint64(2 * w2))
+        if w3 < nw:
+            st2(dst + w3 * 16, lo3, hi3)
+            acc += _mix(lo3, hi3, word0 + np.uint64(2 * w3))
     red[tid] = acc
     cuda.syncthreads()
     step = THREADS // 2
@@ -118,6 +136,11 @@ def _copy(bases, block_stride, runs, run_bytes, layer_lo, layer_hi, block_ids, s
         partials[job] = red[0]
 
 
+@cuda.jit(device=True, inline=True)
+def _mix(lo, hi, idx):
+    return (lo ^ (idx * K1)) * K2 + (hi ^ ((idx + np.uint64(1)) * K1)) * K2
+
+
 class _Launcher:
     """Per-layout launch state kept across calls, so a launch costs one kernel and nothing else: the
     layout's arrays live on the device; block ids, slot addresses and per-CUDA-block checksum partials go
@@ -125,9 +148,7 @@ class _Launcher:
 
     def __init__(self, layout: CacheLayout):
         self.layout = layout
-        self.bases = cuda.to_device(layout.bases)
-        self.stride = cuda.to_device(layout.block_stride)
-        self.runs = cuda.to_device(layout.runs)
+        self.meta = cuda.to_device(np.concatenate([layout.bases, layout.block_stride, layout.runs.ravel()]))
         self.cap = 0
         self.pcap = 0
         self._grow(64, 64 * layout.layers * layout.runs.shape[1])
@@ -135,8 +156,7 @@ class _Launcher:
     def _grow(self, n: int, jobs: int) -> None:
         if n > self.cap:
             self.cap = max(n, 2 * self.cap)
-            self.ids = cuda.mapped_array(self.cap, np.int64)
-            self.addrs = cuda.mapped_array(self.cap, np.int64)
+            self.req = cuda.mapped_array((2, self.cap), np.int64)
         if jobs > self.pcap:
             self.pcap = max(jobs, 2 * self.pcap)
             self.partials = cuda.mapped_array(self.pcap, np.uint64)
@@ -149,13 +169,13 @@ class _Launcher:
         n = len(block_ids)
         if n == 0:
             return np.zeros(0, np.uint64)
-        grid = n * (hi - lo) * lay.runs.shape[1]
+        n_runs = lay.runs.shape[1]
+        grid = n * (hi - lo) * n_runs
         self._grow(n, grid)
-        self.ids[:n] = block_ids
-        self.addrs[:n] = slot_addrs
+        self.req[0, :n] = block_ids
+        self.req[1, :n] = slot_addrs
         launch = _copy[grid, THREADS, stream] if stream else _copy[grid, THREADS]
-        launch(self.bases, self.stride, self.runs, lay.run_bytes, lo, hi, self.ids, self.addrs, self.partials,
-               to_pool)
+        launch(self.meta, lay.layers, n_runs, lay.run_bytes, lo, hi, self.req, self.partials, to_pool)
         if stream:
             stream.synchronize()
         else:
