@@ -40,7 +40,9 @@ class _Server:
         cmd = [sys.executable, "-m", "beluga", "pool", "serve", "--no-create", "--path", settings.path[0],
                "--tcp-port", str(settings.tcp_port), "--admin-port", str(settings.admin_port), "--spin-us",
                str(settings.spin_us)]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        env = dict(os.environ, BELUGA_POOL_HIGH_WATERMARK=str(settings.high_watermark),
+                   BELUGA_POOL_LOW_WATERMARK=str(settings.low_watermark))
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
         if core is not None:
             os.sched_setaffinity(self.proc.pid, {core})
         for _ in range(300):

@@ -191,3 +191,55 @@ def atomic_store(addr, value):
 def atomic_cas(addr, expected, value):
     """Python-callable compare-and-swap of a shared 64-bit word; returns the value found."""
     return compare_swap(addr, expected, value)
+
+
+# -- RPC slot words (uint64 indices). The client writes the first line, the server the second. --------
+W_REQ_SEQ, W_OWNER, W_OPN, W_ARGS, W_PLEN = 0, 1, 2, 3, 7
+W_RESP_SEQ, W_STATUS, W_RET, W_RLEN = 8, 9, 10, 14
+
+
+@njit(cache=True, nogil=True)
+def client_call(slot, opn, a0, a1, a2, a3, plen, seq, spins, out):
+    """Write a request into the client's RPC slot, publish it, spin for the answer. One Python call per
+    round trip (each extra call from Python costs about as much as the whole exchange). On success, out
+    holds status|n<<32, ret[4], response length."""
+    store_release(slot + W_OPN * 8, opn)
+    store_release(slot + W_ARGS * 8, a0)
+    store_release(slot + (W_ARGS + 1) * 8, a1)
+    store_release(slot + (W_ARGS + 2) * 8, a2)
+    store_release(slot + (W_ARGS + 3) * 8, a3)
+    store_release(slot + W_PLEN * 8, plen)
+    store_release(slot + W_REQ_SEQ * 8, seq)
+    for _ in range(spins):
+        if load_acquire(slot + W_RESP_SEQ * 8) == seq:
+            read_reply(slot, out)
+            return True
+    return False
+
+
+@njit(cache=True, nogil=True)
+def read_reply(slot, out):
+    out[0] = load_acquire(slot + W_STATUS * 8)
+    for k in range(4):
+        out[1 + k] = load_acquire(slot + (W_RET + k) * 8)
+    out[5] = load_acquire(slot + W_RLEN * 8)
+
+
+@njit(cache=True, nogil=True)
+def server_read(slot, out):
+    """The request words of one client's slot: seq, owner, op|n<<32, args[4], payload length."""
+    out[0] = load_acquire(slot + W_REQ_SEQ * 8)
+    for k in range(1, 8):
+        out[k] = load_acquire(slot + k * 8)
+
+
+@njit(cache=True, nogil=True)
+def server_reply(slot, status_n, r0, r1, r2, r3, rlen, seq):
+    """Write the answer words, then release the sequence number the client waits for."""
+    store_release(slot + W_STATUS * 8, status_n)
+    store_release(slot + W_RET * 8, r0)
+    store_release(slot + (W_RET + 1) * 8, r1)
+    store_release(slot + (W_RET + 2) * 8, r2)
+    store_release(slot + (W_RET + 3) * 8, r3)
+    store_release(slot + W_RLEN * 8, rlen)
+    store_release(slot + W_RESP_SEQ * 8, seq)

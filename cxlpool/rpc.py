@@ -54,8 +54,8 @@ _REQ = struct.Struct("<IIQQQQI")  # op, n, args[4], payload length
 _RESP = struct.Struct("<iIQQQQI")  # status, n, ret[4], payload length
 
 # word indices (uint64) inside one RPC slot
-W_REQ_SEQ, W_OWNER, W_OPN, W_ARGS, W_PLEN = 0, 1, 2, 3, 7
-W_RESP_SEQ, W_STATUS, W_RET, W_RLEN = 8, 9, 10, 14
+W_REQ_SEQ, W_OWNER, W_OPN, W_ARGS, W_PLEN = native.W_REQ_SEQ, native.W_OWNER, native.W_OPN, native.W_ARGS, native.W_PLEN
+W_RESP_SEQ, W_STATUS, W_RET, W_RLEN = native.W_RESP_SEQ, native.W_STATUS, native.W_RET, native.W_RLEN
 
 
 def doorbell_path(pool_path: str) -> str:
@@ -78,8 +78,9 @@ class ShmTransport:
         self.words = np.ndarray(RPC_HEAD // 8, np.uint64, buffer=mem, offset=off)
         self.req_payload = mem[off + RPC_HEAD: off + RPC_HEAD + RPC_PAYLOAD]
         self.resp_payload = mem[off + RPC_HEAD + RPC_PAYLOAD: off + RPC_HEAD + 2 * RPC_PAYLOAD]
-        self.req_addr = self.base + off + W_REQ_SEQ * 8
+        self.slot_addr = self.base + off
         self.resp_addr = self.base + off + W_RESP_SEQ * 8
+        self.out = np.zeros(6, np.uint64)
         self.seq = int(self.words[W_RESP_SEQ])
         self._bell_sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self._bell_sock.setblocking(False)
@@ -97,22 +98,23 @@ class ShmTransport:
                               "processes; create the pool with more --clients")
 
     def call(self, op: Op, n: int = 0, args=(0, 0, 0, 0), payload: bytes | np.ndarray = b"") -> Reply:
-        data = np.frombuffer(payload, np.uint8) if isinstance(payload, bytes | bytearray) else payload
-        if data.nbytes > RPC_PAYLOAD:
-            raise ValueError(f"RPC payload of {data.nbytes} bytes exceeds {RPC_PAYLOAD}; split the call")
-        self.req_payload[: data.nbytes] = data.view(np.uint8).ravel()
-        w = self.words
-        w[W_OPN] = int(op) | (n << 32)
-        w[W_ARGS:W_ARGS + 4] = args
-        w[W_PLEN] = data.nbytes
+        nbytes = len(payload) if isinstance(payload, bytes | bytearray) else payload.nbytes
+        if nbytes > RPC_PAYLOAD:
+            raise ValueError(f"RPC payload of {nbytes} bytes exceeds {RPC_PAYLOAD}; split the call")
+        if nbytes:
+            data = np.frombuffer(payload, np.uint8) if isinstance(payload, bytes | bytearray) else payload
+            self.req_payload[:nbytes] = data.view(np.uint8).ravel()
         self.seq += 1
-        seq = np.uint64(self.seq)
-        if not native.post_and_wait(self.req_addr, seq, self.resp_addr, self.spins):
-            self._wait_slow(seq)
-        status = int(np.int32(np.uint32(w[W_STATUS] & 0xFFFFFFFF)))
-        rn = int(w[W_STATUS] >> 32)
-        plen = int(w[W_RLEN])
-        return Reply(status, rn, tuple(int(x) for x in w[W_RET:W_RET + 4]), self.resp_payload[:plen].tobytes())
+        a0, a1, a2, a3 = args
+        if not native.client_call(self.slot_addr, int(op) | (n << 32), a0, a1, a2, a3, nbytes, self.seq, self.spins,
+                                  self.out):
+            self._wait_slow(np.uint64(self.seq))
+            native.read_reply(self.slot_addr, self.out)
+        sn, r0, r1, r2, r3, rlen = self.out.tolist()
+        status = sn & 0xFFFFFFFF
+        if status >= 1 << 31:
+            status -= 1 << 32
+        return Reply(status, sn >> 32, (r0, r1, r2, r3), self.resp_payload[:rlen].tobytes() if rlen else b"")
 
     def _wait_slow(self, seq) -> None:
         deadline = time.monotonic() + self.timeout_s
