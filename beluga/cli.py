@@ -224,15 +224,23 @@ def router(host: str = "127.0.0.1", port: int = 8000, policy: str = "least-loade
 @app.command("worker")
 def worker_cmd(pool: Annotated[str | None, typer.Option(help="pool path; none: no connector")] = None,
                model: str | None = None, host: str = "127.0.0.1", port: int = 8000, cores: str | None = None,
-               kv_space_gb: float = 1.0, device: str = "cpu", pool_tcp_port: int = 7701):
+               kv_space_gb: float = 1.0, device: str = "cpu", pool_tcp_port: int = 7701,
+               connector_extra: Annotated[str, typer.Option(help="JSON merged into the connector's "
+                                                            "kv_connector_extra_config")] = "{}"):
     """Run one vLLM worker with the connector in the foreground (one per pod on Kubernetes)."""
     from beluga import model as model_mod
     from beluga.workers.connector import connector_config
     from beluga.workers.engine import EngineProcess, EngineSettings
 
+    try:
+        extra = json.loads(connector_extra)
+        if not isinstance(extra, dict):
+            raise ValueError("must be a JSON object")
+    except ValueError as e:
+        _fail(f"--connector-extra is not a JSON object: {e}")
     s = EngineSettings(model=model or str(model_mod.path_or_raise()), host=host, port=port, cores=cores,
                        kv_space_gb=kv_space_gb, device=device,
-                       connector=connector_config(pool, tcp_port=pool_tcp_port) if pool else None)
+                       connector=connector_config(pool, tcp_port=pool_tcp_port, **extra) if pool else None)
     e = EngineProcess(s).start()
     try:
         e.proc.wait()
