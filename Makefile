@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.beluga-installed
 PYTEST_ARGS ?=
 
-.PHONY: run test install model lint bench-cpu clean
+.PHONY: run test install model lint bench-cpu bench-deps clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -36,6 +36,14 @@ test: model
 
 lint: install
 	$(BIN)/ruff check .
+
+# Peers for bench/e2e.py: LMCache as PEERS.md runs it (a plain install would downgrade numpy, protobuf,
+# opentelemetry and prometheus-client under vLLM).
+bench-deps: install
+	$(BIN)/python -c "import lmcache" 2>/dev/null || { \
+	  d=$$(mktemp -d) && $(BIN)/pip download -q --no-deps lmcache==0.5.6 -d $$d && \
+	  $(BIN)/pip install -q --no-deps $$d/lmcache-*.whl && \
+	  $(BIN)/pip install -q sortedcontainers aiofile aiofiles redis; }
 
 bench-cpu: model
 	$(BIN)/python bench/pool.py --json

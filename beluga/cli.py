@@ -172,7 +172,10 @@ def serve(workers: int = 2, policy: str = "least-loaded", pool: str = "/dev/shm/
           model: Annotated[str | None, typer.Option(help="HF model folder (default: bundled)")] = None,
           host: str = "127.0.0.1", port: int = 8000, worker_base_port: int = 8100, kv_space_gb: float = 1.0,
           ray_address: str | None = None, log_dir: str = "/tmp/beluga-logs", pool_admin_port: int = 7700,
-          pool_tcp_port: int = 7701):
+          pool_tcp_port: int = 7701,
+          kv_transfer_config: Annotated[str | None, typer.Option(help="JSON: another KV connector for every "
+                                                                 "worker (to compare a peer); no Beluga pool")] = None,
+          optimization_level: Annotated[int, typer.Option("-O", help="vLLM's -O level for the workers")] = 0):
     """Pool + metadata server + Ray-managed vLLM workers + router, on this machine, until Ctrl-C."""
     from pydantic import ValidationError
 
@@ -182,11 +185,13 @@ def serve(workers: int = 2, policy: str = "least-loaded", pool: str = "/dev/shm/
         s = ServeSettings(workers=workers, policy=policy, pool=pool, pool_size=parse_size(pool_size),
                           no_pool=no_pool, model=model, host=host, port=port, worker_base_port=worker_base_port,
                           kv_space_gb=kv_space_gb, ray_address=ray_address, log_dir=log_dir,
-                          pool_admin_port=pool_admin_port, pool_tcp_port=pool_tcp_port)
+                          pool_admin_port=pool_admin_port, pool_tcp_port=pool_tcp_port,
+                          kv_transfer_config=json.loads(kv_transfer_config) if kv_transfer_config else None,
+                          optimization_level=optimization_level)
         from beluga.router import policies
 
         policies.make(policy)
-    except (ValidationError, ValueError) as e:
+    except (ValidationError, ValueError) as e:  # JSONDecodeError is a ValueError
         _fail(str(e))
     try:
         run(s, console)

@@ -34,6 +34,9 @@ class ServeSettings(BaseModel):
     max_model_len: int = Field(8192, gt=0)
     ray_address: str | None = None
     log_dir: str = Field("/tmp/beluga-logs", description="engine and pool-server logs")
+    kv_transfer_config: dict | None = Field(None, description="another KV connector for every worker (a peer "
+                                                              "to compare with); implies no Beluga pool")
+    optimization_level: int = Field(0, ge=0, le=3)
 
 
 def _cores(n_workers: int) -> list[str | None]:
@@ -60,14 +63,16 @@ class Stack:
         s = self.s
         os.makedirs(s.log_dir, exist_ok=True)
         mdir = s.model or str(model.path_or_raise())
-        if not s.no_pool:
+        use_pool = not s.no_pool and s.kv_transfer_config is None
+        if use_pool:
             status(f"starting the pool metadata server on {s.pool}")
             self._start_pool(mdir)
         cores = _cores(s.workers)
         engines = [EngineSettings(
             model=mdir, port=s.worker_base_port + i, cores=cores[i], kv_space_gb=s.kv_space_gb,
             max_model_len=s.max_model_len, log_file=f"{s.log_dir}/worker-{i}.log",
-            connector=None if s.no_pool else connector_config(s.pool, tcp_port=s.pool_tcp_port))
+            optimization_level=s.optimization_level,
+            connector=connector_config(s.pool, tcp_port=s.pool_tcp_port) if use_pool else s.kv_transfer_config)
             for i in range(s.workers)]
         status("starting Ray")
         self.fleet = Fleet(engines, s.ray_address, num_cpus=os.cpu_count())
@@ -115,8 +120,10 @@ def run(s: ServeSettings, console) -> None:
         with console.status("starting") as st:
             stack.start(lambda msg: st.update(msg))
         rs = RouterSettings(host=s.host, port=s.port, policy=s.policy, discovery="ray", ray_address=s.ray_address)
+        kv = (f"connector {s.kv_transfer_config['kv_connector']}" if s.kv_transfer_config
+              else f"pool {'off' if s.no_pool else s.pool}")
         console.print(f"[green]ready[/green]: OpenAI API on http://{s.host}:{s.port}/v1 "
-                      f"({s.workers} workers, policy {s.policy}, pool {'off' if s.no_pool else s.pool})")
+                      f"({s.workers} workers, policy {s.policy}, {kv})")
         uvicorn.run(create_app(rs), host=s.host, port=s.port, log_level="warning")
     finally:
         stack.stop()
