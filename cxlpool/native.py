@@ -104,27 +104,26 @@ sfence = _asm_void("sfence", with_addr=False)
 mfence = _asm_void("mfence", with_addr=False)
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _clflush_lines(addr, nbytes):
+    a = addr & ~(CACHE_LINE - 1)
+    while a < addr + nbytes:
+        clflushopt(a)
+        a += CACHE_LINE
+
+
 @njit(cache=True, nogil=True)
 def flush_range(addr, nbytes):
     """Write back and drop every cache line of [addr, addr+nbytes), then order it (sfence)."""
-    start = addr & ~(CACHE_LINE - 1)
-    end = addr + nbytes
-    a = start
-    while a < end:
-        clflushopt(a)
-        a += CACHE_LINE
+    _clflush_lines(addr, nbytes)
     sfence()
 
 
 @njit(cache=True, nogil=True)
 def invalidate_range(addr, nbytes):
-    """Drop this core's copies of [addr, addr+nbytes) before reading what another host wrote."""
-    start = addr & ~(CACHE_LINE - 1)
-    end = addr + nbytes
-    a = start
-    while a < end:
-        clflushopt(a)
-        a += CACHE_LINE
+    """Drop this core's copies of [addr, addr+nbytes) before reading what another host wrote; the full
+    fence keeps the reads that follow from passing the flushes."""
+    _clflush_lines(addr, nbytes)
     mfence()
 
 

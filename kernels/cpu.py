@@ -72,28 +72,30 @@ def checksum(addr, nbytes):
     return acc
 
 
-@njit(cache=True, nogil=True)
-def copy_nt_checksum(dst, src, nbytes, word0):
-    """Copy nbytes from src to dst with non-temporal stores; checksum the words (index from word0)."""
+@njit(cache=True, nogil=True, inline="always")
+def _copy(dst, src, nbytes, word0, nontemporal):
     acc = np.uint64(0)
     base = np.uint64(word0)
     for i in range(nbytes // 8):
         w = _load_u64(src + i * 8)
-        _nt_store(dst + i * 8, w)
+        if nontemporal:  # loop-invariant: LLVM compiles two loops
+            _nt_store(dst + i * 8, w)
+        else:
+            _store_u64(dst + i * 8, w)
         acc += (w ^ ((base + np.uint64(i)) * K1)) * K2
     return acc
+
+
+@njit(cache=True, nogil=True)
+def copy_nt_checksum(dst, src, nbytes, word0):
+    """Copy nbytes from src to dst with non-temporal stores; checksum the words (index from word0)."""
+    return _copy(dst, src, nbytes, word0, True)
 
 
 @njit(cache=True, nogil=True)
 def copy_checksum(dst, src, nbytes, word0):
     """Copy nbytes from src to dst with plain stores; checksum the words (index from word0)."""
-    acc = np.uint64(0)
-    base = np.uint64(word0)
-    for i in range(nbytes // 8):
-        w = _load_u64(src + i * 8)
-        _store_u64(dst + i * 8, w)
-        acc += (w ^ ((base + np.uint64(i)) * K1)) * K2
-    return acc
+    return _copy(dst, src, nbytes, word0, False)
 
 @njit(cache=True, nogil=True)
 def gather(bases, block_stride, runs, run_bytes, block_ids, slot_addrs, checksums):
