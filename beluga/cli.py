@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 from pathlib import Path
 from typing import Annotated
 
@@ -322,6 +323,9 @@ def parse_size(text: str) -> int:
 
 
 def main() -> None:
+    # A process started in the background by a non-interactive shell inherits SIGINT as ignored; our
+    # commands promise that Ctrl-C (or SIGINT) stops them cleanly, so take it back.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     app()
 
 

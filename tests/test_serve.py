@@ -139,7 +139,7 @@ def test_loadgen_replay_against_serve(serve, tmp_path):
     out2 = tmp_path / "out2"
     p = subprocess.Popen([sys.executable, "-m", "beluga", "loadgen", "replay", "--target", serve[0], "--data",
                           str(tmp_path / "data2"), "--out", str(out2), "--max-input-tokens", "1000", "--passes", "3"])
-    time.sleep(15)
+    time.sleep(20)
     p.send_signal(signal.SIGINT)
     p.wait(60)
     s2 = json.loads((out2 / "summary.json").read_text())
