@@ -22,14 +22,14 @@ import tempfile
 import time
 
 import httpx
+
+from beluga import model
 from beluga.cxlpool import pool as pool_mod
 from beluga.cxlpool.settings import PoolSettings
 from beluga.loadgen.client import stream_request
 from beluga.workers.connector import connector_config
 from beluga.workers.engine import EngineProcess, EngineSettings
 from beluga.workers.kvformat import from_model_dir
-
-from beluga import model
 
 WORDS = ("shared memory pools let every engine reuse the key value cache that another engine computed for "
          "the same long document while the router only balances load").split()

@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 import httpx
+
 from beluga.loadgen import report, synth
 from beluga.loadgen.replay import ReplaySettings
 from beluga.loadgen.replay import run as replay

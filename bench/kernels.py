@@ -30,6 +30,7 @@ TOKENS = 16
 
 def cpu_bench(repeat: int = 5) -> dict:
     import torch
+
     from beluga.kernels import cpu, layout
 
     layers, heads, dim = 30, 3, 64  # the bundled model on vLLM's CPU backend, 128-token blocks
@@ -68,6 +69,7 @@ def _timed(fn) -> float:
 
 def gpu_bench(counts=(1, 16, 256), repeat: int = 10) -> dict:
     import torch
+
     from beluga.cxlpool.region import Region
     from beluga.kernels import cuda as ck
     from beluga.kernels import layout
@@ -182,6 +184,7 @@ def multi_gpu_bench(n_blocks: int = 256) -> dict | None:
 
 def one_gpu(gpu: int, n: int) -> None:
     import torch
+
     from beluga.cxlpool.region import Region
     from beluga.kernels import cuda as ck
     from beluga.kernels import layout

@@ -64,6 +64,7 @@ def run_router(port: int, upstream: str, core: int | None) -> None:
     import logging
 
     import uvicorn
+
     from beluga.router.app import create_app
     from beluga.router.settings import RouterSettings
 

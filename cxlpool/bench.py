@@ -14,6 +14,7 @@ import uuid
 
 import httpx
 import numpy as np
+
 from beluga.cxlpool import native
 from beluga.cxlpool import pool as pool_mod
 from beluga.cxlpool.client import PoolClient

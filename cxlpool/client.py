@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
+
 from beluga.cxlpool import coherence, native
 from beluga.cxlpool import pool as pool_mod
 from beluga.cxlpool.layout import COMMITTED, HEADER_BYTES, KEY_BYTES, RPC_PAYLOAD, SLOT_HEADER, KVFormat
@@ -84,7 +85,7 @@ class PoolClient:
         for i in range(0, len(keys), MAX_KEYS):
             chunk = keys[i:i + MAX_KEYS]
             r = self._call(Op.LOOKUP, len(chunk), (int(lease), 0, 0, 0), _pack_keys(chunk))
-            p = np.frombuffer(r.payload, np.uint32)
+            p = memoryview(r.payload).cast("I")
             out.slots += p[: r.n].tolist()
             out.gens += p[r.n: 2 * r.n].tolist()
             if r.n < len(chunk):
@@ -213,7 +214,8 @@ class PoolClient:
 
 
 def _pack_keys(keys: list[bytes]) -> bytes:
-    for k in keys:
-        if len(k) != KEY_BYTES:
-            raise ValueError(f"block keys are {KEY_BYTES} bytes (sha256), got {len(k)}")
-    return b"".join(keys)
+    packed = b"".join(keys)
+    if len(packed) != KEY_BYTES * len(keys) or any(len(k) != KEY_BYTES for k in keys):
+        bad = next(len(k) for k in keys if len(k) != KEY_BYTES)
+        raise ValueError(f"block keys are {KEY_BYTES} bytes (sha256), got {bad}")
+    return packed

@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import numpy as np
+
 from beluga.cxlpool import native
 from beluga.kernels import cpu as copy
 

@@ -7,6 +7,7 @@ import os
 from dataclasses import dataclass
 
 import numpy as np
+
 from beluga.cxlpool.layout import (
     Geometry,
     KVFormat,

@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
+
 from beluga.cxlpool import native
 from beluga.cxlpool.layout import RPC_HEAD, RPC_PAYLOAD, SERVER_STATUS, Geometry
 

@@ -16,10 +16,12 @@ import socket
 import socketserver
 import threading
 import time
+from array import array
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
 import numpy as np
+
 from beluga.cxlpool import eviction, native
 from beluga.cxlpool.coherence import Coherence
 from beluga.cxlpool.layout import (
@@ -135,7 +137,8 @@ class PoolIndex:
                 self.refs[s] += 1
                 self.leases[client][s] += 1
         self.stats.hit_blocks += len(slots)
-        return slots, [int(self.gen[s]) for s in slots]
+        gen = self.gen
+        return slots, [int(gen[s]) for s in slots]
 
     def release(self, client, slots: list[int]) -> None:
         held = self.leases.get(client)
@@ -321,8 +324,7 @@ class Dispatcher:
             return Reply(OK, 0, (ix.geo.n_slots, os.getpid(), 0, 0), b"")
         if op == Op.LOOKUP:
             slots, gens = ix.lookup(client, _keys(payload, n), lease=bool(args[0]))
-            body = np.asarray(slots, np.uint32).tobytes() + np.asarray(gens, np.uint32).tobytes()
-            return Reply(OK, len(slots), (0, 0, 0, 0), body)
+            return Reply(OK, len(slots), (0, 0, 0, 0), array("I", slots).tobytes() + array("I", gens).tobytes())
         if op == Op.ALLOC:
             slots, gens = ix.alloc(client, _keys(payload, n))
             body = np.asarray(slots, np.int64).tobytes() + np.asarray(gens, np.uint32).tobytes()

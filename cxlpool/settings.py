@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from beluga.cxlpool.coherence import MODES, STEPS
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from beluga.cxlpool.coherence import MODES, STEPS
 
 
 class PoolSettings(BaseSettings):

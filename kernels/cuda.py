@@ -18,9 +18,10 @@ import numpy as np
 if not hasattr(np, "row_stack"):  # numba-cuda 0.30.4 calls numpy.row_stack, removed in numpy 2.4
     np.row_stack = np.vstack
 
-from beluga.kernels.layout import CacheLayout  # noqa: E402
 from numba import config, cuda, types  # noqa: E402
 from numba.extending import intrinsic  # noqa: E402
+
+from beluga.kernels.layout import CacheLayout  # noqa: E402
 
 K1 = np.uint64(0x9E3779B97F4A7C15)
 K2 = np.uint64(0xBF58476D1CE4E5B9)

@@ -14,11 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+from pydantic import BaseModel, Field, model_validator
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
 from beluga.loadgen import dataset, report
 from beluga.loadgen.client import Result, stream_request
 from beluga.loadgen.score import score
-from pydantic import BaseModel, Field, model_validator
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 log = logging.getLogger(__name__)
 

@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+
 from beluga.loadgen.client import Result
 
 SUMMARY_KEYS = ("pass", "requests", "errors", "ttft_mean_s", "ttft_p50_s", "ttft_p90_s", "ttft_p99_s",

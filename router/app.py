@@ -13,16 +13,18 @@ import time
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-import httpx
-from beluga.router import errors, policies
-from beluga.router.registry import Registry, Worker, dns_source, ray_source, static_source
-from beluga.router.settings import RouterSettings
+import aiohttp
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from beluga.router import errors, policies
+from beluga.router.registry import Registry, Worker, dns_source, ray_source, static_source
+from beluga.router.settings import RouterSettings
+
 log = logging.getLogger(__name__)
+JSON = {"content-type": "application/json"}
 
 
 class ChatRequest(BaseModel):
@@ -92,16 +94,18 @@ def create_app(settings: RouterSettings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        limits = httpx.Limits(max_connections=settings.max_in_flight * 2, max_keepalive_connections=256)
-        timeout = httpx.Timeout(settings.request_timeout_s, connect=settings.connect_timeout_s)
-        client = httpx.AsyncClient(limits=limits, timeout=timeout)
+        # aiohttp, not httpx, on the hot path: it proxies several times more requests per core.
+        client = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=settings.max_in_flight * 2, keepalive_timeout=60),
+            timeout=aiohttp.ClientTimeout(total=settings.request_timeout_s, sock_connect=settings.connect_timeout_s),
+            auto_decompress=False)
         registry = Registry(source, client, settings.health_interval_s)
         await registry.refresh()
         registry.start()
         state.update(client=client, registry=registry)
         yield
         await registry.stop()
-        await client.aclose()
+        await client.close()
 
     app = FastAPI(title="Beluga-KV router", lifespan=lifespan)
 
@@ -197,7 +201,7 @@ def create_app(settings: RouterSettings) -> FastAPI:
 
     async def _proxy(route: str, raw: bytes, stream: bool, facts, release) -> Response:
         registry: Registry = state["registry"]
-        client: httpx.AsyncClient = state["client"]
+        client: aiohttp.ClientSession = state["client"]
         tried: set[str] = set()
         last_error = "no healthy worker"
         t0 = time.perf_counter()
@@ -212,27 +216,28 @@ def create_app(settings: RouterSettings) -> FastAPI:
                 metrics.retries.inc()
             _begin(w, facts)
             try:
-                up = await client.send(client.build_request("POST", w.url + route, content=raw,
-                                                            headers={"content-type": "application/json"}),
-                                       stream=True)
-            except httpx.HTTPError as e:
+                up = await client.post(w.url + route, data=raw, headers=JSON)
+            except (TimeoutError, aiohttp.ClientError) as e:
                 _end(w, facts)
                 registry.eject(w, f"{type(e).__name__}: {e}")
                 last_error = f"worker {w.url} unreachable ({type(e).__name__})"
                 continue
-            if up.status_code >= 500:
-                await up.aclose()
+            if up.status >= 500:
+                up.release()
                 _end(w, facts)
-                last_error = f"worker {w.url} answered {up.status_code}"
+                last_error = f"worker {w.url} answered {up.status}"
                 continue
             metrics.ttfb.labels(route).observe(time.perf_counter() - t0)
-            if not stream or up.status_code != 200:
+            if not stream or up.status != 200:
                 try:
-                    content = await up.aread()
+                    content = await up.read()
+                except (TimeoutError, aiohttp.ClientError) as e:
+                    return errors.response(502, f"Worker {w.url} failed while answering: {type(e).__name__}.",
+                                           "upstream_failed")
                 finally:
-                    await up.aclose()
+                    up.release()
                     _end(w, facts)
-                return Response(content, status_code=up.status_code,
+                return Response(content, status_code=up.status,
                                 media_type=up.headers.get("content-type", "application/json"),
                                 headers={"x-beluga-worker": w.url})
             return StreamingResponse(_relay(up, w, facts, route, t0, release), media_type="text/event-stream",
@@ -240,19 +245,19 @@ def create_app(settings: RouterSettings) -> FastAPI:
         return errors.response(503 if "no healthy" in last_error else 502, f"No worker could serve the request: "
                                f"{last_error}.", "upstream_unavailable")
 
-    async def _relay(up: httpx.Response, w: Worker, facts, route: str, t0: float, release):
+    async def _relay(up: aiohttp.ClientResponse, w: Worker, facts, route: str, t0: float, release):
         status = "200"
         try:
-            async for chunk in up.aiter_raw():
+            async for chunk in up.content.iter_any():
                 yield chunk
-        except httpx.HTTPError as e:
+        except (TimeoutError, aiohttp.ClientError) as e:
             status = "502"
             log.warning("worker %s failed mid-stream: %s", w.url, e)
             state["registry"].eject(w, "failed mid-stream")
             yield errors.sse_event(502, f"The worker failed mid-stream ({type(e).__name__}); the answer is "
                                         "incomplete.", "upstream_failed")
         finally:
-            await up.aclose()
+            up.release()
             _end(w, facts)
             release()
             metrics.requests.labels(route, status).inc()

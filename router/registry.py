@@ -12,7 +12,7 @@ import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-import httpx
+import aiohttp
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ def ray_source(address: str | None) -> Source:
 
 
 class Registry:
-    def __init__(self, source: Source, client: httpx.AsyncClient, interval_s: float = 2.0):
+    def __init__(self, source: Source, client: aiohttp.ClientSession, interval_s: float = 2.0):
         self.source, self.client, self.interval_s = source, client, interval_s
         self.workers: dict[str, Worker] = {}
         self._task: asyncio.Task | None = None
@@ -91,13 +91,14 @@ class Registry:
         await asyncio.gather(*(self._check(w) for w in list(self.workers.values())))
 
     async def _check(self, w: Worker) -> None:
+        t = aiohttp.ClientTimeout(total=2.0)
         try:
-            r = await self.client.get(w.url + "/health", timeout=2.0)
-            ok = r.status_code == 200
+            async with self.client.get(w.url + "/health", timeout=t) as r:
+                ok = r.status == 200
             if ok and not w.models:
-                m = await self.client.get(w.url + "/v1/models", timeout=2.0)
-                w.models = {d["id"] for d in m.json().get("data", [])}
-        except (httpx.HTTPError, ValueError):
+                async with self.client.get(w.url + "/v1/models", timeout=t) as m:
+                    w.models = {d["id"] for d in (await m.json(content_type=None)).get("data", [])}
+        except (TimeoutError, aiohttp.ClientError, ValueError):
             ok = False
         if ok != w.healthy:
             log.info("worker %s is %s", w.url, "healthy" if ok else "unhealthy: ejected")

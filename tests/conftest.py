@@ -12,6 +12,7 @@ import uuid
 
 import httpx
 import pytest
+
 from beluga.cxlpool import pool as pool_mod
 from beluga.cxlpool.layout import KVFormat
 from beluga.cxlpool.settings import PoolSettings

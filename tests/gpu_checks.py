@@ -18,6 +18,7 @@ import uuid
 
 import numpy as np
 import torch
+
 from beluga.cxlpool.client import PoolClient
 from beluga.cxlpool.layout import KVFormat
 from beluga.cxlpool.region import Region

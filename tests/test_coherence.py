@@ -12,9 +12,10 @@ import multiprocessing as mp
 import numba
 import numpy as np
 import pytest
+from conftest import SMALL, ServerProcess
+
 from beluga.cxlpool import native
 from beluga.kernels import cpu
-from conftest import SMALL, ServerProcess
 
 pytestmark = pytest.mark.timeout(180)
 

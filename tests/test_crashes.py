@@ -12,8 +12,9 @@ import time
 
 import numpy as np
 import pytest
-from beluga.cxlpool.client import PoolClient
 from conftest import SMALL
+
+from beluga.cxlpool.client import PoolClient
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -12,13 +12,13 @@ import time
 
 import httpx
 import pytest
+from conftest import ServerProcess, free_port
+
+from beluga import model
 from beluga.cxlpool import pool as pool_mod
 from beluga.workers.connector import connector_config
 from beluga.workers.engine import EngineProcess, EngineSettings
 from beluga.workers.kvformat import from_model_dir
-from conftest import ServerProcess, free_port
-
-from beluga import model
 
 pytestmark = [pytest.mark.engine, pytest.mark.timeout(900)]
 

@@ -10,8 +10,9 @@ import sys
 import numpy as np
 import pytest
 import torch
-from beluga.kernels import cpu, layout
 from gpu_checks import GEOMETRIES, block_bytes_ref
+
+from beluga.kernels import cpu, layout
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -6,6 +6,7 @@ import json
 import time
 
 import pytest
+
 from beluga.loadgen import dataset, report, score, synth
 from beluga.loadgen.replay import ReplaySettings, TargetError, check_target
 

@@ -8,12 +8,13 @@ import stat
 import httpx
 import numpy as np
 import pytest
+from conftest import SMALL
+
 from beluga.cxlpool import pool as pool_mod
 from beluga.cxlpool.client import PoolClient
 from beluga.cxlpool.layout import KVFormat, PoolFormatError
 from beluga.cxlpool.region import Region, RegionError
 from beluga.cxlpool.rpc import PoolUnavailable
-from conftest import SMALL
 
 pytestmark = pytest.mark.timeout(120)
 

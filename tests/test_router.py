@@ -15,13 +15,14 @@ import time
 import httpx
 import pytest
 import uvicorn
+from conftest import free_port
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
 from beluga.router import policies
 from beluga.router.app import create_app
 from beluga.router.registry import Worker
 from beluga.router.settings import RouterSettings
-from conftest import free_port
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -25,13 +25,6 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from beluga.cxlpool.client import IntegrityError, PoolClient
-from beluga.cxlpool.layout import PoolFormatError
-from beluga.cxlpool.rpc import PoolUnavailable
-from beluga.cxlpool.settings import PoolSettings
-from beluga.kernels import layout as cache_layout
-from beluga.workers.datapath import DataPath
-from beluga.workers.kvformat import CRYPTO_HASHES, kv_format, model_id_for
 from prometheus_client import Counter, start_http_server
 from pydantic import BaseModel, Field, ValidationError
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (
@@ -39,6 +32,14 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorMetadata,
     KVConnectorRole,
 )
+
+from beluga.cxlpool.client import IntegrityError, PoolClient
+from beluga.cxlpool.layout import PoolFormatError
+from beluga.cxlpool.rpc import PoolUnavailable
+from beluga.cxlpool.settings import PoolSettings
+from beluga.kernels import layout as cache_layout
+from beluga.workers.datapath import DataPath
+from beluga.workers.kvformat import CRYPTO_HASHES, kv_format, model_id_for
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig

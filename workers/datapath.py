@@ -4,6 +4,7 @@ kernels (pool registered with the GPU) for CUDA backends. The connector speaks o
 from __future__ import annotations
 
 import numpy as np
+
 from beluga.cxlpool.client import PoolClient
 from beluga.kernels import cpu as cpu_kernels
 from beluga.kernels.layout import CacheLayout

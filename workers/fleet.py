@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 
 import ray
+
 from beluga.workers.engine import EngineProcess, EngineSettings
 
 log = logging.getLogger(__name__)
