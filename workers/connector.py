@@ -88,6 +88,16 @@ class ConnectorSettings(BaseModel):
                             tcp_host=self.tcp_host, tcp_port=self.tcp_port, rpc_timeout_s=self.rpc_timeout_s)
 
 
+def check_hashing(algo: str, seed: str | None) -> None:
+    """Refuse unless block hashes are identical in every engine process: a cryptographic algorithm and a
+    fixed seed. Otherwise two engines name the same prefix differently and never share."""
+    if algo not in CRYPTO_HASHES or seed is None or seed == "random":
+        raise ValueError(
+            "BelugaConnector needs block hashes that are identical in every engine: start vLLM with "
+            "--prefix-caching-hash-algo sha256_cbor and the same fixed PYTHONHASHSEED (e.g. "
+            f"PYTHONHASHSEED=0) everywhere (now: algo={algo}, PYTHONHASHSEED={seed})")
+
+
 def connector_config(pool: str, **extra) -> dict:
     """The `--kv-transfer-config` for an engine using the pool at `pool`."""
     return {"kv_connector": "BelugaConnector", "kv_connector_module_path": "beluga.workers.connector",
@@ -158,12 +168,8 @@ class BelugaConnector(KVConnectorBase_V1):
     # -- configuration checks ---------------------------------------------------------------------------
     def _format(self, cfg: VllmConfig):
         algo = cfg.cache_config.prefix_caching_hash_algo
-        seed = os.environ.get("PYTHONHASHSEED")
-        if algo not in CRYPTO_HASHES or seed is None or seed == "random":
-            raise ValueError(
-                "BelugaConnector needs block hashes that are identical in every engine: start vLLM with "
-                "--prefix-caching-hash-algo sha256_cbor and the same fixed PYTHONHASHSEED (e.g. "
-                f"PYTHONHASHSEED=0) everywhere (now: algo={algo}, PYTHONHASHSEED={seed})")
+        seed = os.environ.get("PYTHONHASHSEED")  # the engine process's own hash seed, as vLLM reads it
+        check_hashing(algo, seed)
         mc, pc = cfg.model_config, cfg.parallel_config
         dtype = cfg.cache_config.cache_dtype
         if dtype in (None, "auto"):

@@ -26,11 +26,18 @@ class DataPath:
             addrs = [self.reg.device_addr(a) for a in addrs]
         return np.array(addrs, np.int64)
 
-    def save(self, block_ids: list[int], slots: list[int], stream=0) -> np.ndarray:
+    def _stream(self):
+        """The engine's own CUDA stream (torch's current one), so copies order with its kernels."""
+        import torch
+        from numba import cuda
+
+        return cuda.external_stream(torch.cuda.current_stream().cuda_stream)
+
+    def save(self, block_ids: list[int], slots: list[int], stream=None) -> np.ndarray:
         """Engine blocks -> slots (visible to others when this returns); per-block checksums."""
         ids, addrs = np.asarray(block_ids, np.int64), self._addrs(slots)
         if self.on_gpu:
-            sums = self._cuda.gather(self.layout, ids, addrs, stream=stream)
+            sums = self._cuda.gather(self.layout, ids, addrs, stream=stream or self._stream())
         else:
             sums = np.zeros(len(ids), np.uint64)
             cpu_kernels.gather(self.layout.bases, self.layout.block_stride, self.layout.runs, self.layout.run_bytes,
@@ -39,13 +46,13 @@ class DataPath:
             self.client.coh.wrote_externally(self.client.slot_offset(s), self.client.fmt.block_bytes)
         return sums
 
-    def load(self, slots: list[int], block_ids: list[int], stream=0) -> np.ndarray:
+    def load(self, slots: list[int], block_ids: list[int], stream=None) -> np.ndarray:
         """Slots -> engine blocks; checksums of what was read."""
         for s in slots:
             self.client.coh.before_external_read(self.client.slot_offset(s), self.client.fmt.block_bytes)
         ids, addrs = np.asarray(block_ids, np.int64), self._addrs(slots)
         if self.on_gpu:
-            return self._cuda.scatter(self.layout, ids, addrs, stream=stream)
+            return self._cuda.scatter(self.layout, ids, addrs, stream=stream or self._stream())
         sums = np.zeros(len(ids), np.uint64)
         cpu_kernels.scatter(self.layout.bases, self.layout.block_stride, self.layout.runs, self.layout.run_bytes,
                             ids, addrs, sums)
