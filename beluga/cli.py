@@ -135,7 +135,7 @@ def pool_status(path: PathOpt = None, admin_port: int = 7700, as_json: JsonOpt =
 def pool_serve(path: PathOpt = None, size: str = "1G", create: Annotated[bool, typer.Option(
                help="create the pool for the bundled model (or --model-dir) if it does not exist")] = True,
                model_dir: str | None = None, block_tokens: int = 128, dtype: str = "float32",
-               layout: str = "cpu", hash_seed: str = "0", coherence: str = "coherent", eviction: str = "lru",
+               layout: str = "cpu", hash_seed: str = "0", coherence: str = "coherent", eviction: str = "s3fifo",
                tcp_port: int = 7701, admin_port: int = 7700, spin_us: int = 200,
                as_json: Annotated[bool, typer.Option("--json", help="print the endpoints as JSON")] = False):
     """Run the metadata server (shared-memory RPC, TCP, admin HTTP) until Ctrl-C."""

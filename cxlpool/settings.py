@@ -18,7 +18,7 @@ class PoolSettings(BaseSettings):
     group_access: bool = Field(False, description="create the pool 0660 instead of 0600")
     clients: int = Field(64, gt=0, le=4096, description="RPC slots: processes attached at once")
     coherence: str = Field("coherent", description=f"one of {MODES}")
-    eviction: str = Field("lru", description="lru or s3fifo")
+    eviction: str = Field("s3fifo", description="s3fifo (default: measured better, bench/eviction.py) or lru")
     high_watermark: float = Field(0.95, gt=0, le=1, description="evict when used slots exceed this")
     low_watermark: float = Field(0.85, gt=0, le=1, description="evict down to this")
     spin_us: int = Field(200, ge=0, description="server spins this long after a request, then parks")

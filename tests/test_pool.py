@@ -98,7 +98,18 @@ def test_tcp_transport_sees_the_same_pool(server):
         assert len(tcp.get(keys(2))) == 2
 
 
-def test_leased_blocks_are_never_evicted(server):
+@pytest.mark.parametrize("policy", ["lru", "s3fifo"])
+def test_leased_blocks_are_never_evicted(small_pool, policy):
+    from conftest import ServerProcess
+
+    server = ServerProcess(small_pool.model_copy(update={"eviction": policy})).start()
+    try:
+        _fill_past_capacity_while_leased(server)
+    finally:
+        server.stop()
+
+
+def _fill_past_capacity_while_leased(server):
     with PoolClient(server.settings, SMALL) as c:
         n = c.geo.n_slots
         first = keys(4, b"first")
