@@ -67,7 +67,8 @@ def main() -> int:
     reqs = trace(a.requests, n_docs=1000, blocks_per_doc=8, one_off=0.4)
     rows = []
     for slots in (800, 1600, 3200):
-        rows.append({"slots": slots, "lru_hit_rate": run("lru", slots, reqs), "s3fifo_hit_rate": run("s3fifo", slots, reqs)})
+        rows.append({"slots": slots, "lru_hit_rate": run("lru", slots, reqs),
+                     "s3fifo_hit_rate": run("s3fifo", slots, reqs)})
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     out = {"trace": "20k requests, 1,000 Zipf(1.0) documents of 8 blocks, 40 % one-off documents", "rows": rows,
            "s3fifo_better": all(r["s3fifo_hit_rate"] > r["lru_hit_rate"] for r in rows)}
