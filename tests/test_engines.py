@@ -138,6 +138,34 @@ def test_cache_salt_isolates_tenants(fleet):
     assert text_x == text_y == text_x2
 
 
+def test_corrupted_block_is_recomputed_never_served(fleet):
+    """Flip bytes of a block A committed (memory corruption, a torn write): B must notice (checksum), drop it,
+    recompute from there, and still answer exactly as A did."""
+    import numpy as np
+
+    from beluga.cxlpool.layout import COMMITTED, HEADER_BYTES, SLOT_HEADER
+    from beluga.cxlpool.settings import PoolSettings
+
+    srv, (a, _), (b, b_metrics) = fleet
+    pool = pool_mod.attach(PoolSettings(path=srv.settings.path))
+    headers = np.ndarray(pool.geo.n_slots, SLOT_HEADER, buffer=pool.mem, offset=pool.geo.hdr_off,
+                         strides=(HEADER_BYTES,))
+    before = set(np.nonzero(headers["state"] == COMMITTED)[0].tolist())
+    prompt = long_prompt(1200, "corrupt ")
+    _, text_a, _ = complete(a.settings.url, prompt)
+    new = sorted(set(np.nonzero(headers["state"] == COMMITTED)[0].tolist()) - before,
+                 key=lambda s: int(headers["commit_ns"][s]))
+    assert len(new) >= 8
+    victim = pool.slot_offset(new[4])  # the fifth block of the chain
+    pool.mem[victim + 1000: victim + 1064] ^= 0xFF
+    bad_before = metric(b_metrics, "beluga_connector_bad_blocks")
+    _, text_b, _ = complete(b.settings.url, prompt)
+    assert text_b == text_a
+    assert metric(b_metrics, "beluga_connector_bad_blocks") > bad_before
+    assert srv.stats()["integrity_failures"] >= 1  # reported, and dropped from the index
+    pool.close()
+
+
 def test_pool_server_down_engines_recompute(fleet):
     srv, (a, _), (b, b_metrics) = fleet
     prompt = long_prompt(600, "down ")
