@@ -32,6 +32,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorMetadata,
     KVConnectorRole,
 )
+from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from beluga.cxlpool.client import IntegrityError, PoolClient
 from beluga.cxlpool.layout import PoolFormatError
@@ -137,6 +138,13 @@ class _ReqState:
 
 
 class BelugaConnector(KVConnectorBase_V1):
+    _cache_hit_source = CacheHitSource.HOST  # the pool is (CXL or local) host memory
+
+    @property
+    def requires_kv_delivery(self) -> bool:
+        # A cache, not a hand-off: a save lost to preemption is only a future miss.
+        return False
+
     def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig):
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
         try:
