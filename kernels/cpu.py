@@ -97,35 +97,35 @@ def copy_checksum(dst, src, nbytes, word0):
     """Copy nbytes from src to dst with plain stores; checksum the words (index from word0)."""
     return _copy(dst, src, nbytes, word0, False)
 
-@njit(cache=True, nogil=True)
-def gather(bases, block_stride, runs, run_bytes, block_ids, slot_addrs, checksums):
-    """Engine cache -> pool: block block_ids[i] of every layer into the slot at slot_addrs[i]."""
+
+@njit(cache=True, nogil=True, inline="always")
+def _move(bases, block_stride, runs, run_bytes, block_ids, slot_addrs, checksums, to_pool):
     n_layers, n_runs = runs.shape
     for i in range(block_ids.size):
         pos = 0
         acc = np.uint64(0)
         for layer in range(n_layers):
-            src = bases[layer] + block_ids[i] * block_stride[layer]
+            block = bases[layer] + block_ids[i] * block_stride[layer]
             for r in range(n_runs):
-                acc += copy_nt_checksum(slot_addrs[i] + pos, src + runs[layer, r], run_bytes, pos // 8)
+                if to_pool:  # non-temporal into the pool: other hosts read it from memory
+                    acc += _copy(slot_addrs[i] + pos, block + runs[layer, r], run_bytes, pos // 8, True)
+                else:
+                    acc += _copy(block + runs[layer, r], slot_addrs[i] + pos, run_bytes, pos // 8, False)
                 pos += run_bytes
         checksums[i] = acc
+
+
+@njit(cache=True, nogil=True)
+def gather(bases, block_stride, runs, run_bytes, block_ids, slot_addrs, checksums):
+    """Engine cache -> pool: block block_ids[i] of every layer into the slot at slot_addrs[i]."""
+    _move(bases, block_stride, runs, run_bytes, block_ids, slot_addrs, checksums, True)
     _sfence_all()
 
 
 @njit(cache=True, nogil=True)
 def scatter(bases, block_stride, runs, run_bytes, block_ids, slot_addrs, checksums):
     """Pool -> engine cache: the slot at slot_addrs[i] into block block_ids[i] of every layer."""
-    n_layers, n_runs = runs.shape
-    for i in range(block_ids.size):
-        pos = 0
-        acc = np.uint64(0)
-        for layer in range(n_layers):
-            dst = bases[layer] + block_ids[i] * block_stride[layer]
-            for r in range(n_runs):
-                acc += copy_checksum(dst + runs[layer, r], slot_addrs[i] + pos, run_bytes, pos // 8)
-                pos += run_bytes
-        checksums[i] = acc
+    _move(bases, block_stride, runs, run_bytes, block_ids, slot_addrs, checksums, False)
 
 
 @intrinsic
