@@ -152,13 +152,15 @@ class PoolIndex:
     def alloc(self, client, keys: list[bytes]) -> tuple[list[int], list[int]]:
         slots, gens = [], []
         self._maybe_evict(len(keys))
-        for k in keys:
+        tried = False
+        for n, k in enumerate(keys):
             if k in self.index:
                 slots.append(ALLOC_EXISTS)
                 gens.append(0)
                 continue
-            if not self.free:
-                self._evict(1)
+            if not self.free and not tried:
+                self._evict(len(keys) - n)  # one pass over the candidates for all that is left
+                tried = True
             if not self.free:
                 slots.append(ALLOC_NO_ROOM)
                 gens.append(0)

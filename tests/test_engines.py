@@ -112,6 +112,9 @@ def test_engine_b_serves_what_engine_a_computed(fleet):
     # Bytes: each block B loaded matched the checksum A committed (a mismatch would count here).
     assert metric(b_metrics, "beluga_connector_bad_blocks") == 0 and srv.stats()["integrity_failures"] == 0
     assert ttft_b <= 0.2 * ttft_a, f"TTFT from the pool {ttft_b:.2f}s vs computing {ttft_a:.2f}s"
+    # A run without the pool: B computes the same tokens itself (another salt: no pool or local hit).
+    _, text_plain, usage_plain = complete(b.settings.url, prompt, cache_salt="no-pool-run")
+    assert usage_plain["prompt_tokens_details"]["cached_tokens"] == 0 and text_plain == text_a
 
 
 def test_partial_prefix_hit_loads_only_shared_blocks(fleet):

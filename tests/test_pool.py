@@ -118,6 +118,9 @@ def _fill_past_capacity_while_leased(server):
         for i in range(3):  # overfill the pool several times
             c.put(keys(n, b"fill%d" % i), blocks(n, seed=i))
         assert len(c.lookup(first, lease=False)) == 4
+        everything = c.lookup(keys(n, b"fill2"))  # lease what is left: nothing can be evicted now
+        assert c.alloc(keys(n, b"more"))[-1][0] == -1  # a full pool says "no room"; the caller computes
+        c.release(everything.slots)
         c.release(hit.slots)
         c.put(keys(n, b"again"), blocks(n, seed=9))
         assert len(c.lookup(first, lease=False)) == 0  # unleased: now evictable
