@@ -111,14 +111,14 @@ class Stack:
 
     def __init__(self, name: str, logs: Path, max_model_len: int):
         self.peer = Peer(name, logs)
-        self.port = free_port()
         self.logs = logs / name
         self.logs.mkdir(parents=True, exist_ok=True)
+        peer_flags = self.peer.serve_flags()  # first: a peer's server takes its ports before we pick ours
+        self.port = free_port()
         self.pool = f"/dev/shm/beluga-e2e-{self.port}"
         cmd = [sys.executable, "-m", "beluga", "serve", "--port", str(self.port), "--worker-base-port",
                str(20000 + self.port % 20000), "--pool", self.pool, "--pool-size", "3G", "--log-dir", str(self.logs),
-               "--pool-admin-port", str(free_port()), "--pool-tcp-port", str(free_port()),
-               *self.peer.serve_flags()]
+               "--pool-admin-port", str(free_port()), "--pool-tcp-port", str(free_port()), *peer_flags]
         self.proc = subprocess.Popen(cmd, stdout=open(self.logs / "serve.out", "w"), stderr=subprocess.STDOUT,
                                      start_new_session=True)
         self.url = f"http://127.0.0.1:{self.port}"
@@ -128,7 +128,7 @@ class Stack:
                 raise RuntimeError(f"{name}: beluga serve exited; see {self.logs}/serve.out")
             try:
                 ws = httpx.get(self.url + "/workers", timeout=2).json()
-                if len([w for w in ws if w["healthy"]]) == 2:
+                if isinstance(ws, list) and len([w for w in ws if w["healthy"]]) == 2:
                     return
             except (httpx.HTTPError, ValueError):
                 pass
@@ -209,6 +209,7 @@ def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / f"e2e-{time.strftime('%Y-%m-%d')}"))
     ap.add_argument("--quick", action="store_true", help="few short requests, plain-rr and beluga only")
+    ap.add_argument("--resume", action="store_true", help="reuse configurations already measured in --out")
     a = ap.parse_args()
     if a.quick:
         a.configs = [c for c in a.configs if c in ("plain-rr", "beluga")] or ["beluga"]
@@ -229,6 +230,13 @@ def main() -> int:
                      "runs": {}, "outputs": {}}
     dirs = []
     for name in a.configs:
+        done = [out / f"{name}-{n}" for n in a.lengths]
+        if a.resume and name != "beluga" and all((d / "summary.json").exists() for d in done):
+            for n, d in zip(a.lengths, done, strict=True):
+                results["runs"][f"{name}-{n}"] = json.loads((d / "summary.json").read_text())["passes"]
+                results["outputs"][f"{name}-{n}"] = compare_passes(d)
+            dirs += done
+            continue
         print(f"== {name}", file=sys.stderr, flush=True)
         stack = Stack(name, out / "logs", max(a.lengths) + 512)
         try:
