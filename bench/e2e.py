@@ -231,10 +231,13 @@ def main() -> int:
     dirs = []
     for name in a.configs:
         done = [out / f"{name}-{n}" for n in a.lengths]
-        if a.resume and name != "beluga" and all((d / "summary.json").exists() for d in done):
+        by_length = out / "ttft_by_length.json"
+        if a.resume and all((d / "summary.json").exists() for d in done) and (name != "beluga" or by_length.exists()):
             for n, d in zip(a.lengths, done, strict=True):
                 results["runs"][f"{name}-{n}"] = json.loads((d / "summary.json").read_text())["passes"]
                 results["outputs"][f"{name}-{n}"] = compare_passes(d)
+            if name == "beluga":
+                results["ttft_by_length"] = json.loads(by_length.read_text())
             dirs += done
             continue
         print(f"== {name}", file=sys.stderr, flush=True)
@@ -251,6 +254,7 @@ def main() -> int:
             if name == "beluga":
                 results["ttft_by_length"] = ttft_by_length(stack.url, [512, 1024, 2048, 4096] if not a.quick
                                                            else [512])
+                by_length.write_text(json.dumps(results["ttft_by_length"]))
         finally:
             stack.stop()
     table = report.compare(dirs)
