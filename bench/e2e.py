@@ -150,10 +150,15 @@ class Stack:
 def compare_passes(out_dir: Path) -> dict:
     """Pass 2's greedy output must equal pass 1's for the same request, unless the first differing token
     was a near-tie (top-2 logprob gap under 1e-3)."""
+    import csv
+
+    with (out_dir / "requests.csv").open() as f:
+        failed = {(int(r["pass"]), r["id"]) for r in csv.DictReader(f) if r["ok"] != "True"}
     rows = [json.loads(line) for line in (out_dir / "outputs.jsonl").read_text().splitlines()]
     by = {}
     for r in rows:
-        by.setdefault(r["id"], {})[r["pass"]] = r
+        if (r["pass"], r["id"]) not in failed:  # failed requests are counted as errors, not compared
+            by.setdefault(r["id"], {})[r["pass"]] = r
     same, near_ties, different = 0, [], []
     for rid, passes in by.items():
         if 1 not in passes or 2 not in passes:
