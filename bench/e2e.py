@@ -46,6 +46,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def free_pair(avoid: set[int]) -> int:
+    """A base port such that base and base+1 are free and not in `avoid` (the workers' ports)."""
+    while True:
+        base = free_port()
+        if base + 1 < 65536 and not {base, base + 1} & avoid:
+            try:
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", base + 1))
+                return base
+            except OSError:
+                continue
+
+
 class Peer:
     """Whatever a configuration needs besides `beluga serve` (the LMCache server, a shared folder)."""
 
@@ -117,7 +130,7 @@ class Stack:
         self.port = free_port()
         self.pool = f"/dev/shm/beluga-e2e-{self.port}"
         cmd = [sys.executable, "-m", "beluga", "serve", "--port", str(self.port), "--worker-base-port",
-               str(20000 + self.port % 20000), "--pool", self.pool, "--pool-size", "3G", "--log-dir", str(self.logs),
+               str(free_pair({self.port})), "--pool", self.pool, "--pool-size", "3G", "--log-dir", str(self.logs),
                "--pool-admin-port", str(free_port()), "--pool-tcp-port", str(free_port()), *peer_flags]
         self.proc = subprocess.Popen(cmd, stdout=open(self.logs / "serve.out", "w"), stderr=subprocess.STDOUT,
                                      start_new_session=True)

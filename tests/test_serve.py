@@ -21,10 +21,22 @@ pytestmark = [pytest.mark.engine, pytest.mark.timeout(900)]
 MODEL = "smollm2-135m-instruct"
 
 
+def _free(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
 @pytest.fixture(scope="module")
 def serve(tmp_path_factory):
     logs = tmp_path_factory.mktemp("serve")
-    port, base = free_port(), free_port() // 2 + 20000
+    port = free_port()
+    base = next(b for b in iter(free_port, None) if b + 1 < 65536 and port not in (b, b + 1) and _free(b + 1))
     pool = f"/dev/shm/beluga-serve-{port}"
     cmd = [sys.executable, "-m", "beluga", "serve", "--port", str(port), "--worker-base-port", str(base),
            "--pool", pool, "--pool-size", "2G", "--log-dir", str(logs), "--pool-admin-port", str(free_port()),
