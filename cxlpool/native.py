@@ -147,16 +147,6 @@ def wait_for_value(addr, want, spins):
 
 
 @njit(cache=True, nogil=True)
-def post_and_wait(req_addr, seq, resp_addr, spins):
-    """Publish a request sequence number, then spin for the matching response; True if it came."""
-    store_release(req_addr, seq)
-    for _ in range(spins):
-        if load_acquire(resp_addr) == seq:
-            return True
-    return False
-
-
-@njit(cache=True, nogil=True)
 def poll_requests(base, stride, n, seen, spins):
     """Server side: index of a client whose request word differs from what we answered, or -1."""
     for _ in range(spins):
@@ -178,12 +168,6 @@ def address(arr) -> int:
 def atomic_load(addr):
     """Python-callable acquire load of a shared 64-bit word."""
     return load_acquire(addr)
-
-
-@njit(cache=True, nogil=True)
-def atomic_store(addr, value):
-    """Python-callable release store of a shared 64-bit word."""
-    store_release(addr, value)
 
 
 @njit(cache=True, nogil=True)

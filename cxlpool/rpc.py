@@ -54,9 +54,8 @@ class Reply:
 _REQ = struct.Struct("<IIQQQQI")  # op, n, args[4], payload length
 _RESP = struct.Struct("<iIQQQQI")  # status, n, ret[4], payload length
 
-# word indices (uint64) inside one RPC slot
-W_REQ_SEQ, W_OWNER, W_OPN, W_ARGS, W_PLEN = native.W_REQ_SEQ, native.W_OWNER, native.W_OPN, native.W_ARGS, native.W_PLEN
-W_RESP_SEQ, W_STATUS, W_RET, W_RLEN = native.W_RESP_SEQ, native.W_STATUS, native.W_RET, native.W_RLEN
+# word indices (uint64) inside one RPC slot; the full list is in `native`, which reads and writes them
+W_REQ_SEQ, W_OWNER, W_RESP_SEQ = native.W_REQ_SEQ, native.W_OWNER, native.W_RESP_SEQ
 
 
 def doorbell_path(pool_path: str) -> str:
