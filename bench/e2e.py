@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 
 from beluga.loadgen import report, synth
 from beluga.loadgen.replay import ReplaySettings
@@ -315,14 +316,17 @@ def plot(r: dict, out: Path) -> None:
     import matplotlib.pyplot as plt
 
     keys = list(r["runs"])
+    x = np.arange(len(keys))
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for p, style in ((1, "#9bb7d4"), (2, "#2f5f8f")):
-        axes[0].bar([f"{k}\np{p}" for k in keys], [r["runs"][k][p - 1]["ttft_mean_s"] or 0 for k in keys], color=style)
-        axes[1].bar([f"{k}\np{p}" for k in keys], [r["runs"][k][p - 1]["qps"] or 0 for k in keys], color=style)
+        for ax, metric in ((axes[0], "ttft_mean_s"), (axes[1], "qps")):
+            ax.bar(x + (p - 1.5) * 0.4, [r["runs"][k][p - 1][metric] or 0 for k in keys], 0.4, color=style,
+                   label=f"pass {p}")
     axes[0].set_title("mean TTFT (s)")
     axes[1].set_title("QPS")
     for ax in axes:
-        ax.tick_params(axis="x", labelsize=6, rotation=90)
+        ax.set_xticks(x, keys, rotation=60, ha="right", fontsize=7)
+        ax.legend()
     fig.tight_layout()
     fig.savefig(out / "e2e.png", dpi=100)
     plt.close(fig)
