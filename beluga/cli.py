@@ -157,7 +157,8 @@ def pool_bench(as_json: JsonOpt = False, quick: bool = False):
     """Measure RPC latency (shm vs TCP), block write/read bandwidth, lookups, cache-line costs."""
     from beluga.cxlpool import bench
 
-    result = bench.run(quick=quick)
+    with console.status("benchmarking the pool (RPC, block copies, a 1,000,000-block index, cache lines)"):
+        result = bench.run(quick=quick)
     if as_json:
         print(json.dumps(result))
     else:
