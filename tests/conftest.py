@@ -22,10 +22,19 @@ SMALL = KVFormat(model="test-model", dtype="float32", layers=2, kv_heads=1, head
                  layout="test", hash_domain="test")
 
 
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free loopback port, never one this test run handed out before (the kernel may offer the same
+    port twice in a row once it is closed again)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
 
 
 @pytest.fixture
