@@ -40,10 +40,19 @@ def prompt(tokens: int, tag: str) -> str:
     return f"[{tag}] Read the notes.\n{body}\nQuestion: what do the pools let engines do?\nAnswer:"
 
 
+_ports: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free loopback port not handed out before in this run (the kernel may offer one twice)."""
+
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _ports:
+            _ports.add(port)
+            return port
 
 
 def ttft(url: str, text: str) -> tuple[float, str, int]:

@@ -41,10 +41,20 @@ SUBSETS = ("hotpotwikiqa_mixup", "multifieldqa_en_mixup", "factrecall_en")
 NEAR_TIE = 1e-3
 
 
+_ports: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free loopback port not handed out before in this run (the kernel may offer one twice)."""
+    import socket
+
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _ports:
+            _ports.add(port)
+            return port
 
 
 def free_pair(avoid: set[int]) -> int:

@@ -28,12 +28,20 @@ BUNDLED = KVFormat("bench", "float32", 30, 3, 64, 128, "cpu", "bench")
 TINY = KVFormat("bench-index", "float32", 1, 1, 8, 2, "cpu", "bench")  # 128-byte blocks: index size tests
 
 
+_ports: set[int] = set()
+
+
 def _free_port() -> int:
+    """A free loopback port not handed out before in this run (the kernel may offer one twice)."""
     import socket
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _ports:
+            _ports.add(port)
+            return port
 
 
 class _Server:
