@@ -14,7 +14,6 @@ import asyncio
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -22,6 +21,7 @@ import tempfile
 import time
 
 import httpx
+from ports import free_port  # bench/ is on sys.path when a script here runs
 
 from beluga import model
 from beluga.cxlpool import pool as pool_mod
@@ -40,19 +40,6 @@ def prompt(tokens: int, tag: str) -> str:
     return f"[{tag}] Read the notes.\n{body}\nQuestion: what do the pools let engines do?\nAnswer:"
 
 
-_ports: set[int] = set()
-
-
-def free_port() -> int:
-    """A free loopback port not handed out before in this run (the kernel may offer one twice)."""
-
-    while True:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port not in _ports:
-            _ports.add(port)
-            return port
 
 
 def ttft(url: str, text: str) -> tuple[float, str, int]:

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+from ports import free_port  # bench/ is on sys.path when a script here runs
 
 from beluga.loadgen import report, synth
 from beluga.loadgen.replay import ReplaySettings
@@ -41,20 +42,6 @@ SUBSETS = ("hotpotwikiqa_mixup", "multifieldqa_en_mixup", "factrecall_en")
 NEAR_TIE = 1e-3
 
 
-_ports: set[int] = set()
-
-
-def free_port() -> int:
-    """A free loopback port not handed out before in this run (the kernel may offer one twice)."""
-    import socket
-
-    while True:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port not in _ports:
-            _ports.add(port)
-            return port
 
 
 def free_pair(avoid: set[int]) -> int:

@@ -22,6 +22,7 @@ import sys
 import time
 
 import numpy as np
+from ports import free_port  # bench/ is on sys.path when a script here runs
 
 BODY = json.dumps({"model": "m", "prompt": "Say hi", "max_tokens": 4}).encode()
 ANSWER = json.dumps({"id": "cmpl-1", "object": "text_completion", "model": "m",
@@ -29,20 +30,6 @@ ANSWER = json.dumps({"id": "cmpl-1", "object": "text_completion", "model": "m",
                      "usage": {"prompt_tokens": 2, "completion_tokens": 1, "total_tokens": 3}}).encode()
 
 
-_ports: set[int] = set()
-
-
-def free_port() -> int:
-    """A free loopback port not handed out before in this run (the kernel may offer one twice)."""
-    import socket
-
-    while True:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port not in _ports:
-            _ports.add(port)
-            return port
 
 
 async def upstream_app(scope, receive, send):
