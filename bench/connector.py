@@ -21,10 +21,10 @@ import tempfile
 import time
 
 import httpx
-from ports import free_port  # bench/ is on sys.path when a script here runs
 
 from beluga import model
 from beluga.cxlpool import pool as pool_mod
+from beluga.cxlpool.bench import free_port
 from beluga.cxlpool.settings import PoolSettings
 from beluga.loadgen.client import stream_request
 from beluga.workers.connector import connector_config

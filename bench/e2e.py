@@ -30,8 +30,8 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-from ports import free_port  # bench/ is on sys.path when a script here runs
 
+from beluga.cxlpool.bench import free_port
 from beluga.loadgen import report, synth
 from beluga.loadgen.replay import ReplaySettings
 from beluga.loadgen.replay import run as replay

@@ -22,7 +22,8 @@ import sys
 import time
 
 import numpy as np
-from ports import free_port  # bench/ is on sys.path when a script here runs
+
+from beluga.cxlpool.bench import free_port
 
 BODY = json.dumps({"model": "m", "prompt": "Say hi", "max_tokens": 4}).encode()
 ANSWER = json.dumps({"id": "cmpl-1", "object": "text_completion", "model": "m",

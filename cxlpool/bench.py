@@ -7,6 +7,7 @@ different cores when the machine has two, since an unpinned ping-pong measures t
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -31,10 +32,9 @@ TINY = KVFormat("bench-index", "float32", 1, 1, 8, 2, "cpu", "bench")  # 128-byt
 _ports: set[int] = set()
 
 
-def _free_port() -> int:
-    """A free loopback port not handed out before in this run (the kernel may offer one twice)."""
-    import socket
-
+def free_port() -> int:
+    """A free loopback port not handed out before in this run (the kernel may offer one twice). Also used
+    by bench/ scripts and the tests, which start several servers each."""
     while True:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
@@ -68,8 +68,8 @@ class _Server:
 
 
 def _settings(size: int, **kw) -> PoolSettings:
-    return PoolSettings(path=[f"/dev/shm/beluga-bench-{uuid.uuid4().hex[:8]}"], size=size, tcp_port=_free_port(),
-                        admin_port=_free_port(), spin_us=5_000_000, **kw)
+    return PoolSettings(path=[f"/dev/shm/beluga-bench-{uuid.uuid4().hex[:8]}"], size=size, tcp_port=free_port(),
+                        admin_port=free_port(), spin_us=5_000_000, **kw)
 
 
 def _cleanup(s: PoolSettings) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,6 +13,7 @@ import httpx
 import pytest
 
 from beluga.cxlpool import pool as pool_mod
+from beluga.cxlpool.bench import free_port
 from beluga.cxlpool.layout import KVFormat
 from beluga.cxlpool.settings import PoolSettings
 
@@ -22,19 +22,6 @@ SMALL = KVFormat(model="test-model", dtype="float32", layers=2, kv_heads=1, head
                  layout="test", hash_domain="test")
 
 
-_handed_out: set[int] = set()
-
-
-def free_port() -> int:
-    """A free loopback port, never one this test run handed out before (the kernel may offer the same
-    port twice in a row once it is closed again)."""
-    while True:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port not in _handed_out:
-            _handed_out.add(port)
-            return port
 
 
 @pytest.fixture
