@@ -6,6 +6,7 @@ different cores when the machine has two, since an unpinned ping-pong measures t
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -99,16 +100,28 @@ def _timed(fn) -> float:
     return time.perf_counter() - t
 
 
-def rpc_and_data(quick: bool) -> dict:
+@contextlib.contextmanager
+def _server_beside(s: PoolSettings):
+    """A metadata server on core 0 and this process on core 1 (when there are two): a ping-pong between
+    unpinned processes measures the scheduler."""
     two_cores = len(os.sched_getaffinity(0)) >= 2
-    s = _settings(1 << 30)
-    pool_mod.create(s, BUNDLED).close()
     srv = _Server(s, 0 if two_cores else None)
     old_aff = os.sched_getaffinity(0)
     if two_cores:
         os.sched_setaffinity(0, {1})
-    res = {}
     try:
+        yield srv
+    finally:
+        os.sched_setaffinity(0, old_aff)
+        srv.stop()
+        _cleanup(s)
+
+
+def rpc_and_data(quick: bool) -> dict:
+    s = _settings(1 << 30)
+    pool_mod.create(s, BUNDLED).close()
+    res = {}
+    with _server_beside(s):
         n = 2000 if quick else 20000
         with PoolClient(s, BUNDLED) as c:
             shm = _latencies(c.hello, n)
@@ -138,10 +151,6 @@ def rpc_and_data(quick: bool) -> dict:
             res["write_vs_memcpy"] = res["write_GBps"] / res["memcpy_GBps"]
             res["read_vs_memcpy"] = res["read_GBps"] / res["memcpy_GBps"]
             c.abort([(sl, g) for sl, g in slots])
-    finally:
-        os.sched_setaffinity(0, old_aff)
-        srv.stop()
-        _cleanup(s)
     return res
 
 
@@ -149,9 +158,8 @@ def index(quick: bool) -> dict:
     n_blocks = 100_000 if quick else 1_000_000
     s = _settings((n_blocks + 4096) * (4096 + 64) + (64 << 20), high_watermark=1.0, low_watermark=1.0)
     pool_mod.create(s, TINY).close()
-    srv = _Server(s, None)
     res = {}
-    try:
+    with _server_beside(s):
         with PoolClient(s, TINY) as c:
             keys = [i.to_bytes(8, "little").ljust(32, b"k") for i in range(n_blocks)]
             for i in range(0, n_blocks, 2048):  # fill the index (no data needed for lookups)
@@ -166,9 +174,6 @@ def index(quick: bool) -> dict:
             chain = keys[:1000]
             lat = np.array([_timed(lambda: c.lookup(chain, lease=False)) for _ in range(50)]) * 1e3
             res["lookup_1000_ms"] = float(np.percentile(lat, 50))
-    finally:
-        srv.stop()
-        _cleanup(s)
     return res
 
 

@@ -215,7 +215,8 @@ class PoolClient:
 
 def _pack_keys(keys: list[bytes]) -> bytes:
     packed = b"".join(keys)
-    if len(packed) != KEY_BYTES * len(keys) or any(len(k) != KEY_BYTES for k in keys):
+    # The total and the shortest length together prove every key has the right length, in C loops.
+    if keys and (len(packed) != KEY_BYTES * len(keys) or min(map(len, keys)) != KEY_BYTES):
         bad = next(len(k) for k in keys if len(k) != KEY_BYTES)
         raise ValueError(f"block keys are {KEY_BYTES} bytes (sha256), got {bad}")
     return packed

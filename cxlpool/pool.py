@@ -52,8 +52,9 @@ def create(settings: PoolSettings, fmt: KVFormat) -> Pool:
     return Pool(region, fmt, geo)
 
 
-def attach(settings: PoolSettings, expect: KVFormat | None = None) -> Pool:
-    """Map an existing pool; refuse it if its format is not `expect` (when given)."""
+def attach(settings: PoolSettings, expect: KVFormat | None = None, data: bool = True) -> Pool:
+    """Map an existing pool; refuse it if its format is not `expect` (when given). `data`: this process
+    copies blocks (not just metadata), so the data area is faulted in now (`settings.populate`)."""
     region = Region.attach(settings.path, None, settings.interleave)
     try:
         fmt, geo = read_superblock(region.mem)
@@ -62,11 +63,13 @@ def attach(settings: PoolSettings, expect: KVFormat | None = None) -> Pool:
     except PoolFormatError:
         region.close()
         raise
+    if data and settings.populate:
+        region.populate(geo.data_off, region.size - geo.data_off)
     return Pool(region, fmt, geo)
 
 
-def open_or_create(settings: PoolSettings, fmt: KVFormat) -> Pool:
+def open_or_create(settings: PoolSettings, fmt: KVFormat, data: bool = True) -> Pool:
     """Attach if the pool exists (it must have this format), create it if it does not."""
     if all(os.path.exists(p) for p in settings.path):
-        return attach(settings, fmt)
+        return attach(settings, fmt, data)
     return create(settings, fmt)

@@ -28,6 +28,8 @@ _libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 _MAP_FAILED = ctypes.c_void_p(-1).value
 _MAP_FIXED = 0x10
 _MAP_NORESERVE = 0x4000
+_MADV_POPULATE_WRITE = 23  # Linux 5.14+
+_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 
 DAX_ALIGN = 2 * 1024 * 1024
 DEFAULT_INTERLEAVE = 2 * 1024 * 1024
@@ -156,6 +158,16 @@ class Region:
         self.base = addr
         self.mem = np.ctypeslib.as_array((ctypes.c_uint8 * self.size).from_address(addr))
         log.debug("mapped %s (%d bytes) at %#x", self.paths, self.size, addr)
+
+    def populate(self, offset: int, length: int) -> None:
+        """Fault [offset, offset+length) into this process's page tables now (allocating backing pages that
+        do not exist yet), so that copies into and out of slots later take no page faults: on a fresh
+        mapping, faults cost more than the copy itself (about 1 us per 4 KB page)."""
+        start = (self.base + offset) & ~(mmap.PAGESIZE - 1)
+        end = self.base + offset + length
+        if _libc.madvise(start, end - start, _MADV_POPULATE_WRITE) != 0:
+            log.debug("MADV_POPULATE_WRITE not available (%s); pages fault in on first use",
+                      os.strerror(ctypes.get_errno()))
 
     def close(self) -> None:
         self.mem = None

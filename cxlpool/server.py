@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from beluga.cxlpool import eviction, native
+from beluga.cxlpool import eviction, fastpath, native
 from beluga.cxlpool.coherence import Coherence
 from beluga.cxlpool.layout import (
     COMMITTED,
@@ -46,6 +46,7 @@ from beluga.cxlpool.rpc import (
     read_tcp_request,
     write_tcp_reply,
 )
+from beluga.cxlpool.table import BlockTable
 
 log = logging.getLogger(__name__)
 
@@ -81,8 +82,9 @@ class PoolIndex:
         self.state = np.zeros(n, np.uint8)
         self.gen = np.zeros(n, np.uint32)
         self.refs = np.zeros(n, np.int32)
-        self.keys: list[bytes | None] = [None] * n
-        self.index: dict[bytes, int] = {}
+        self.index = BlockTable(n)
+        # What the compiled RPC loop did since the last `drain` (see fastpath).
+        self.journal, self.counters = fastpath.new_state()
         self.leases: dict[object, Counter] = defaultdict(Counter)
         self.writing: dict[object, set[int]] = defaultdict(set)
         self.policy = eviction.make(policy, n)
@@ -98,15 +100,13 @@ class PoolIndex:
         h = self.headers
         committed = np.nonzero(h["state"] == COMMITTED)[0]
         self.gen[:] = h["gen"]
-        stale = 0
         for s in committed.tolist():
             key = bytes(h["key"][s]).ljust(KEY_BYTES, b"\0")
             if key in self.index:  # cannot happen unless a header was corrupted: keep the first
-                stale += 1
                 continue
+            self.index.set_key(s, key)
+            self.index.add(s)
             self.state[s] = COMMITTED
-            self.keys[s] = key
-            self.index[key] = s
             self.policy.inserted(s, key)
         writing = np.nonzero(h["state"] == WRITING)[0]
         if writing.size:
@@ -122,6 +122,23 @@ class PoolIndex:
                      len(self.free))
 
     # -- operations -----------------------------------------------------------------------------------
+    def drain(self) -> None:
+        """Bring the Python side up to date with what the compiled RPC loop answered."""
+        c = self.counters
+        st = self.stats
+        st.rpc_calls[Op.HELLO] += int(c[fastpath.C_HELLO])
+        st.rpc_calls[Op.LOOKUP] += int(c[fastpath.C_LOOKUPS])
+        st.lookups += int(c[fastpath.C_LOOKUPS])
+        st.lookup_blocks += int(c[fastpath.C_LOOKUP_BLOCKS])
+        st.hit_blocks += int(c[fastpath.C_HIT_BLOCKS])
+        rows = self.journal[: c[fastpath.C_JOURNAL]].tolist()
+        c[[fastpath.C_JOURNAL, fastpath.C_HELLO, fastpath.C_LOOKUPS, fastpath.C_LOOKUP_BLOCKS,
+           fastpath.C_HIT_BLOCKS]] = 0
+        for client, pid, s, leased in rows:
+            self.policy.touched(s)
+            if leased:
+                self.leases[("shm", client, pid)][s] += 1
+
     def lookup(self, client, keys: list[bytes], lease: bool) -> tuple[list[int], list[int]]:
         self.stats.lookups += 1
         self.stats.lookup_blocks += len(keys)
@@ -168,7 +185,7 @@ class PoolIndex:
             s = self.free.pop()
             self.gen[s] += 1
             self.state[s] = WRITING
-            self.keys[s] = k
+            self.index.set_key(s, k)
             self.writing[client].add(s)
             self._write_header(s, WRITING, 0, 0, k)
             slots.append(s)
@@ -183,7 +200,7 @@ class PoolIndex:
                 ok.append(0)
                 continue
             self.writing[client].discard(s)
-            key = self.keys[s]
+            key = self.index.key_of(s)
             if key in self.index:  # another client committed the same block first
                 self.stats.duplicate_commits += 1
                 self._free_slot(s)
@@ -191,7 +208,7 @@ class PoolIndex:
                 continue
             self._write_header(s, COMMITTED, length, csum, key)
             self.state[s] = COMMITTED
-            self.index[key] = s
+            self.index.add(s)
             self.policy.inserted(s, key)
             self.stats.commits += 1
             ok.append(1)
@@ -240,15 +257,13 @@ class PoolIndex:
             done += 1
 
     def _drop(self, s: int) -> None:
-        key = self.keys[s]
-        if key is not None and self.index.get(key) == s:
-            del self.index[key]
+        if self.state[s] == COMMITTED:
+            self.index.discard(s)
         self.policy.removed(s)
         self._free_slot(s)
 
     def _free_slot(self, s: int) -> None:
         self.state[s] = FREE
-        self.keys[s] = None
         self._write_header(s, FREE, 0, 0, b"")
         self.free.append(s)
 
@@ -308,6 +323,7 @@ class Dispatcher:
 
     def __call__(self, client, op: int, n: int, args, payload: bytes) -> Reply:
         with self.lock:
+            self.index.drain()
             try:
                 if op == Op.HELLO:  # the cheapest call, and what RPC latency is measured with
                     self.index.stats.rpc_calls[Op.HELLO] += 1
@@ -318,6 +334,12 @@ class Dispatcher:
             except Exception as e:  # a malformed request must never take the server down
                 log.exception("request %s from %s failed", op, client)
                 return Reply(ERR, 0, (0, 0, 0, 0), str(e).encode()[:RPC_PAYLOAD])
+
+    def reap(self, client) -> None:
+        """A client is gone: give back what it held (after catching up with the compiled loop)."""
+        with self.lock:
+            self.index.drain()
+            self.index.reap(client)
 
     def _dispatch(self, client, op, n, args, payload) -> Reply:
         ix = self.index
@@ -370,14 +392,26 @@ class ShmEndpoint:
         self.stop = threading.Event()
 
     def serve_forever(self) -> None:
-        base = self.base + self.geo.rpc_off + W_REQ_SEQ * 8
+        ix, geo = self.dispatch.index, self.geo
+        rpc_addr = self.base + geo.rpc_off
+        area = self.mem[geo.rpc_off: geo.rpc_off + geo.n_clients * geo.rpc_bytes]
+        area64, area32 = area.view(np.uint64), area.view(np.uint32)
+        pid = os.getpid()
         last_work = time.monotonic()
         last_reap = 0.0
+        handled = 0
         while not self.stop.is_set():
-            c = native.poll_requests(base, self.geo.rpc_bytes, self.geo.n_clients, self.seen, 2000)
+            with self.dispatch.lock:
+                c = fastpath.serve(rpc_addr, area64, area32, geo.rpc_bytes, geo.n_clients, self.seen, self.owners,
+                                   200, ix.index.tab, ix.index.keys, ix.gen, ix.refs, geo.n_slots, pid, ix.journal,
+                                   ix.counters)
+                if ix.counters[fastpath.C_JOURNAL] and c < 0:
+                    ix.drain()  # idle now: catch the Python side up off the critical path
             now = time.monotonic()
             if c >= 0:
                 self._handle(c)
+            if c >= 0 or ix.counters[fastpath.C_HANDLED] != handled:
+                handled = int(ix.counters[fastpath.C_HANDLED])
                 last_work = now
             elif now - last_work > self.spin_us * 1e-6:
                 self._park()
@@ -411,7 +445,7 @@ class ShmEndpoint:
         seq, owner, opn, a0, a1, a2, a3, plen = self.req.tolist()
         if owner != self.owners[c]:
             if self.owners[c]:
-                self.dispatch.index.reap(("shm", c, int(self.owners[c])))
+                self.dispatch.reap(("shm", c, int(self.owners[c])))
             self.owners[c] = owner
         plen = min(plen, RPC_PAYLOAD)
         payload = self.mem[off + RPC_HEAD: off + RPC_HEAD + plen].tobytes() if plen else b""
@@ -428,7 +462,7 @@ class ShmEndpoint:
         for c in np.nonzero(self.owners)[0].tolist():
             pid = int(self.owners[c])
             if not _alive(pid):
-                self.dispatch.index.reap(("shm", c, pid))
+                self.dispatch.reap(("shm", c, pid))
                 self.owners[c] = 0
 
     def close(self) -> None:
@@ -460,5 +494,4 @@ class _TcpHandler(socketserver.BaseRequestHandler):
         except (OSError, ValueError) as e:
             log.info("TCP client %s dropped: %s", self.client_address, e)
         finally:
-            with self.server.dispatch.lock:
-                self.server.dispatch.index.reap(client)
+            self.server.dispatch.reap(client)

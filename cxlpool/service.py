@@ -27,8 +27,9 @@ class MetadataService:
 
     def __init__(self, settings: PoolSettings, create_format: KVFormat | None = None):
         self.settings = settings
-        self.pool = (pool_mod.open_or_create(settings, create_format) if create_format
-                     else pool_mod.attach(settings))
+        # The server reads and writes metadata only: it leaves the data area unmapped until touched.
+        self.pool = (pool_mod.open_or_create(settings, create_format, data=False) if create_format
+                     else pool_mod.attach(settings, data=False))
         self.coh = coherence.make(settings.coherence, self.pool.mem, settings.test_drop)
         self.index = PoolIndex(self.pool.mem, self.pool.geo, self.coh, settings.eviction,
                                settings.high_watermark, settings.low_watermark)

@@ -21,6 +21,7 @@ class PoolSettings(BaseSettings):
     eviction: str = Field("s3fifo", description="s3fifo (default: measured better, bench/eviction.py) or lru")
     high_watermark: float = Field(0.95, gt=0, le=1, description="evict when used slots exceed this")
     low_watermark: float = Field(0.85, gt=0, le=1, description="evict down to this")
+    populate: bool = Field(True, description="fault the data area in at attach: no page faults on the copy path")
     spin_us: int = Field(200, ge=0, description="server spins this long after a request, then parks")
     rpc_timeout_s: float = Field(5.0, gt=0)
     transport: str = Field("shm", description="shm (through the pool) or tcp")
