@@ -12,6 +12,8 @@ import typer
 from rich.console import Console
 from rich.logging import RichHandler
 
+from beluga.workers.kvformat import CPU_BLOCK_TOKENS
+
 app = typer.Typer(help="Beluga-KV: a shared KV-cache pool for vLLM fleets.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
 model_app = typer.Typer(help="The bundled model (SmolLM2-135M-Instruct).", no_args_is_help=True)
@@ -96,8 +98,8 @@ def _format_for(model_dir: str | None, block_tokens: int, dtype: str, layout: st
 @pool_app.command("create")
 def pool_create(path: PathOpt = None, size: Annotated[str, typer.Option(help="bytes, or 512M, 4G")] = "1G",
                 model_dir: Annotated[str | None, typer.Option(help="HF model folder (default: bundled)")] = None,
-                block_tokens: int = 128, dtype: str = "float32", layout: str = "cpu", hash_seed: str = "0",
-                clients: int = 64, group_access: bool = False, as_json: JsonOpt = False):
+                block_tokens: int = CPU_BLOCK_TOKENS, dtype: str = "float32", layout: str = "cpu",
+                hash_seed: str = "0", clients: int = 64, group_access: bool = False, as_json: JsonOpt = False):
     """Create and format a pool for a model's KV format (erases what the pool held)."""
     from beluga.cxlpool import pool as pool_mod
 
@@ -134,7 +136,7 @@ def pool_status(path: PathOpt = None, admin_port: int = 7700, as_json: JsonOpt =
 @pool_app.command("serve")
 def pool_serve(path: PathOpt = None, size: str = "1G", create: Annotated[bool, typer.Option(
                help="create the pool for the bundled model (or --model-dir) if it does not exist")] = True,
-               model_dir: str | None = None, block_tokens: int = 128, dtype: str = "float32",
+               model_dir: str | None = None, block_tokens: int = CPU_BLOCK_TOKENS, dtype: str = "float32",
                layout: str = "cpu", hash_seed: str = "0", coherence: str = "coherent", eviction: str = "s3fifo",
                tcp_port: int = 7701, admin_port: int = 7700, spin_us: int = 200,
                as_json: Annotated[bool, typer.Option("--json", help="print the endpoints as JSON")] = False):
@@ -177,7 +179,9 @@ def serve(workers: int = 2, policy: str = "least-loaded", pool: str = "/dev/shm/
           pool_tcp_port: int = 7701,
           kv_transfer_config: Annotated[str | None, typer.Option(help="JSON: another KV connector for every "
                                                                  "worker (to compare a peer); no Beluga pool")] = None,
-          optimization_level: Annotated[int, typer.Option("-O", help="vLLM's -O level for the workers")] = 0):
+          optimization_level: Annotated[int, typer.Option("-O", help="vLLM's -O level for the workers")] = 0,
+          block_size: Annotated[int, typer.Option(help="the workers' KV block size (and the pool's)")] =
+          CPU_BLOCK_TOKENS):
     """Pool + metadata server + Ray-managed vLLM workers + router, on this machine, until Ctrl-C."""
     from pydantic import ValidationError
 
@@ -189,7 +193,7 @@ def serve(workers: int = 2, policy: str = "least-loaded", pool: str = "/dev/shm/
                           kv_space_gb=kv_space_gb, ray_address=ray_address, log_dir=log_dir,
                           pool_admin_port=pool_admin_port, pool_tcp_port=pool_tcp_port,
                           kv_transfer_config=json.loads(kv_transfer_config) if kv_transfer_config else None,
-                          optimization_level=optimization_level)
+                          optimization_level=optimization_level, block_size=block_size)
         from beluga.router import policies
 
         policies.make(policy)
@@ -233,7 +237,9 @@ def worker_cmd(pool: Annotated[str | None, typer.Option(help="pool path; none: n
                model: str | None = None, host: str = "127.0.0.1", port: int = 8000, cores: str | None = None,
                kv_space_gb: float = 1.0, device: str = "cpu", pool_tcp_port: int = 7701,
                connector_extra: Annotated[str, typer.Option(help="JSON merged into the connector's "
-                                                            "kv_connector_extra_config")] = "{}"):
+                                                            "kv_connector_extra_config")] = "{}",
+               block_size: Annotated[int | None, typer.Option(help="KV block size; must be the pool's "
+                                                              "(default: 32 on the CPU, vLLM's on GPUs)")] = None):
     """Run one vLLM worker with the connector in the foreground (one per pod on Kubernetes)."""
     from beluga import model as model_mod
     from beluga.workers.connector import connector_config
@@ -246,7 +252,7 @@ def worker_cmd(pool: Annotated[str | None, typer.Option(help="pool path; none: n
     except ValueError as e:
         _fail(f"--connector-extra is not a JSON object: {e}")
     s = EngineSettings(model=model or str(model_mod.path_or_raise()), host=host, port=port, cores=cores,
-                       kv_space_gb=kv_space_gb, device=device,
+                       kv_space_gb=kv_space_gb, device=device, block_size=block_size,
                        connector=connector_config(pool, tcp_port=pool_tcp_port, **extra) if pool else None)
     e = EngineProcess(s).start()
     try:

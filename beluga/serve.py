@@ -15,6 +15,8 @@ import time
 import httpx
 from pydantic import BaseModel, Field
 
+from beluga.workers.kvformat import CPU_BLOCK_TOKENS
+
 log = logging.getLogger(__name__)
 
 
@@ -37,6 +39,7 @@ class ServeSettings(BaseModel):
     kv_transfer_config: dict | None = Field(None, description="another KV connector for every worker (a peer "
                                                               "to compare with); implies no Beluga pool")
     optimization_level: int = Field(0, ge=0, le=3)
+    block_size: int = Field(CPU_BLOCK_TOKENS, gt=0, multiple_of=16, description="the workers' KV block size")
 
 
 def _cores(n_workers: int) -> list[str | None]:
@@ -71,7 +74,7 @@ class Stack:
         engines = [EngineSettings(
             model=mdir, port=s.worker_base_port + i, cores=cores[i], kv_space_gb=s.kv_space_gb,
             max_model_len=s.max_model_len, log_file=f"{s.log_dir}/worker-{i}.log",
-            optimization_level=s.optimization_level,
+            optimization_level=s.optimization_level, block_size=s.block_size,
             connector=connector_config(s.pool, tcp_port=s.pool_tcp_port) if use_pool else s.kv_transfer_config)
             for i in range(s.workers)]
         status("starting Ray")
@@ -82,7 +85,8 @@ class Stack:
         s = self.s
         log_path = f"{self.s.log_dir}/pool-server.log"
         cmd = [sys.executable, "-m", "beluga", "pool", "serve", "--path", s.pool, "--size", str(s.pool_size),
-               "--model-dir", model_dir, "--admin-port", str(s.pool_admin_port), "--tcp-port", str(s.pool_tcp_port)]
+               "--model-dir", model_dir, "--block-tokens", str(s.block_size), "--admin-port", str(s.pool_admin_port),
+               "--tcp-port", str(s.pool_tcp_port)]
         self.pool_proc = subprocess.Popen(cmd, stdout=open(log_path, "ab"), stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:

@@ -1,6 +1,6 @@
 """bench/e2e.py: the Beluga paper's experiment on this machine, Beluga against its peers side by side.
 
-    python bench/e2e.py [--lengths 2000 4000] [--rows 2] [--concurrency 2] [--out DIR] [--quick]
+    python bench/e2e.py [--lengths 2000 4000] [--rows 4] [--concurrency 2] [--kv-space-gb 0.5] [--out DIR] [--quick]
 
 Same synthetic LV-Eval data, two passes (populate, then warm, in a new order), closed loop, 2 vLLM CPU
 workers on the bundled model behind our router, for each configuration:
@@ -12,6 +12,11 @@ workers on the bundled model behind our router, for each configuration:
 Writes per configuration and length a loadgen output folder, `table.md` (the paper's Table 5 columns),
 `results.json` (targets, output equality across passes, TTFT against context length), and plots.
 `--quick` is the small version that `make test` runs so the script cannot rot.
+
+Each length gets its own documents (another synthesis seed), so one length's run cannot warm another's.
+Each worker's own KV cache (`--kv-space-gb`, 0.5 GB: 11,600 tokens) is smaller than a pass's working set
+(12 requests: 24,000 / 48,000 tokens), as on the paper's GPUs where the documents outgrow HBM; the shared
+stores (Beluga's pool, LMCache's server, the shared folder) each hold all of it.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ ROOT = Path(__file__).resolve().parent.parent
 ALL = ("plain-rr", "plain-affinity", "lmcache-tcp", "example-disk", "beluga")
 SUBSETS = ("hotpotwikiqa_mixup", "multifieldqa_en_mixup", "factrecall_en")
 NEAR_TIE = 1e-3
+STORE_GB = 6  # Beluga's pool and LMCache's memory tier: room for both lengths' working sets
 
 
 
@@ -82,9 +88,9 @@ class Peer:
             env = dict(os.environ, LMCACHE_TRACK_USAGE="false")
             exe = str(Path(sys.executable).parent / "lmcache")
             self.proc = subprocess.Popen(
-                [exe, "server", "--host", "127.0.0.1", "--port", str(port), "--chunk-size", "128", "--l1-size-gb", "2",
-                 "--no-l1-use-lazy", "--eviction-policy", "LRU", "--supported-transfer-mode", "auto", "--http-host",
-                 "127.0.0.1", "--http-port", str(http), "--disable-observability"],
+                [exe, "server", "--host", "127.0.0.1", "--port", str(port), "--chunk-size", "128", "--l1-size-gb",
+                 str(STORE_GB), "--no-l1-use-lazy", "--eviction-policy", "LRU", "--supported-transfer-mode", "auto",
+                 "--http-host", "127.0.0.1", "--http-port", str(http), "--disable-observability"],
                 stdout=open(self.logs / "lmcache.log", "w"), stderr=subprocess.STDOUT, env=env)
             _wait_port(http, 120, self.proc)
             cfg = {"kv_connector": "LMCacheMPConnector", "kv_role": "kv_both", "kv_connector_extra_config": {
@@ -120,7 +126,7 @@ def _wait_port(port: int, timeout: float, proc=None) -> None:
 class Stack:
     """`beluga serve` with a configuration's flags, on free ports."""
 
-    def __init__(self, name: str, logs: Path, max_model_len: int):
+    def __init__(self, name: str, logs: Path, kv_space_gb: float):
         self.peer = Peer(name, logs)
         self.logs = logs / name
         self.logs.mkdir(parents=True, exist_ok=True)
@@ -128,7 +134,8 @@ class Stack:
         self.port = free_port()
         self.pool = f"/dev/shm/beluga-e2e-{self.port}"
         cmd = [sys.executable, "-m", "beluga", "serve", "--port", str(self.port), "--worker-base-port",
-               str(free_pair({self.port})), "--pool", self.pool, "--pool-size", "3G", "--log-dir", str(self.logs),
+               str(free_pair({self.port})), "--pool", self.pool, "--pool-size", f"{STORE_GB}G", "--log-dir",
+               str(self.logs), "--kv-space-gb", str(kv_space_gb),
                "--pool-admin-port", str(free_port()), "--pool-tcp-port", str(free_port()), *peer_flags]
         self.proc = subprocess.Popen(cmd, stdout=open(self.logs / "serve.out", "w"), stderr=subprocess.STDOUT,
                                      start_new_session=True)
@@ -220,7 +227,8 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--configs", nargs="+", default=list(ALL), choices=ALL)
     ap.add_argument("--lengths", nargs="+", type=int, default=[2000, 4000])
-    ap.add_argument("--rows", type=int, default=2, help="rows per subset")
+    ap.add_argument("--rows", type=int, default=4, help="rows per subset")
+    ap.add_argument("--kv-space-gb", type=float, default=0.5, help="each worker's own KV cache")
     ap.add_argument("--concurrency", type=int, default=2)
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / f"e2e-{time.strftime('%Y-%m-%d')}"))
@@ -232,9 +240,11 @@ def main() -> int:
         a.lengths, a.rows, a.max_tokens = [512], 1, 4
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    data = out / "data"
-    synth.write(data, list(SUBSETS[:2] if a.quick else SUBSETS), rows=a.rows, length="16k", seed=11,
-                words=int(max(a.lengths) * 1.3))
+    data = {}
+    for i, n in enumerate(a.lengths):
+        data[n] = out / f"data-{n}"
+        synth.write(data[n], list(SUBSETS[:2] if a.quick else SUBSETS), rows=a.rows, length="16k", seed=11 + i,
+                    words=int(n * 1.3))
     if "lmcache-tcp" in a.configs:
         try:
             import lmcache  # noqa: F401
@@ -243,6 +253,8 @@ def main() -> int:
             a.configs.remove("lmcache-tcp")
     results: dict = {"configs": a.configs, "lengths": a.lengths, "machine": f"{os.cpu_count()} cores, vLLM CPU "
                      "0.32.0, SmolLM2-135M float32, 2 workers (one core each)", "date": time.strftime("%Y-%m-%d"),
+                     "requests_per_pass": a.rows * (2 if a.quick else len(SUBSETS)), "kv_space_gb": a.kv_space_gb,
+                     "concurrency": a.concurrency, "max_tokens": a.max_tokens,
                      "runs": {}, "outputs": {}}
     dirs = []
     for name in a.configs:
@@ -257,11 +269,11 @@ def main() -> int:
             dirs += done
             continue
         print(f"== {name}", file=sys.stderr, flush=True)
-        stack = Stack(name, out / "logs", max(a.lengths) + 512)
+        stack = Stack(name, out / "logs", a.kv_space_gb)
         try:
             for n in a.lengths:
                 d = out / f"{name}-{n}"
-                s = replay(ReplaySettings(target=stack.url, data=str(data), out=str(d), max_input_tokens=n,
+                s = replay(ReplaySettings(target=stack.url, data=str(data[n]), out=str(d), max_input_tokens=n,
                                           concurrency=a.concurrency, max_tokens=a.max_tokens, passes=2, logprobs=2,
                                           name=f"{name} {n}", length="16k"))
                 results["runs"][f"{name}-{n}"] = s["passes"]

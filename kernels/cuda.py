@@ -13,6 +13,8 @@ addresses; there the 16-byte accesses fall back to two 8-byte ones.
 
 from __future__ import annotations
 
+import ctypes
+
 import numpy as np
 
 if not hasattr(np, "row_stack"):  # numba-cuda 0.30.4 calls numpy.row_stack, removed in numpy 2.4
@@ -30,7 +32,6 @@ THREADS = 32 if SIMULATED else 256
 CHUNK = 64 << 30  # cuMemHostRegister is done in pieces of at most 64 GiB
 
 if SIMULATED:
-    import ctypes
 
     def ld2(addr):
         return (np.uint64(ctypes.c_uint64.from_address(int(addr)).value),
@@ -73,36 +74,77 @@ else:
 
 
 UNROLL = 4  # 16-byte words each thread has in flight per iteration: loads issued before stores
+# A launch is split into at least this many CUDA blocks (runs cut into pieces of >= 4 KB): a few blocks
+# move little data, and over PCIe each SM's share is latency-bound, so spread them over every SM.
+TARGET_JOBS = 8 if SIMULATED else 1024  # the simulator runs each CUDA block as Python threads
+PIECE_MIN = THREADS * 16
+N_ARGS = 11
+
+if SIMULATED:
+
+    def ld1(addr):
+        return np.int64(ctypes.c_int64.from_address(int(addr)).value)
+
+    def st1(addr, value):
+        ctypes.c_uint64.from_address(int(addr)).value = int(value)
+
+else:
+
+    @intrinsic
+    def ld1(typingctx, addr):
+        """One 8-byte global load."""
+        sig = types.int64(types.int64)
+
+        def codegen(context, builder, sig, args):
+            return builder.load(builder.inttoptr(args[0], ir.PointerType(ir.IntType(64))), align=8)
+
+        return sig, codegen
+
+    @intrinsic
+    def st1(typingctx, addr, value):
+        """One 8-byte global store."""
+        sig = types.void(types.int64, types.uint64)
+
+        def codegen(context, builder, sig, args):
+            builder.store(args[1], builder.inttoptr(args[0], ir.PointerType(ir.IntType(64))), align=8)
+            return context.get_dummy_value()
+
+        return sig, codegen
 
 
-@cuda.jit
-def _copy(meta, n_layers, n_runs, run_bytes, layer_lo, layer_hi, req, partials, to_pool):
-    """blockIdx.x enumerates (block i, layer l in [lo, hi), run r); threads stride over 16-byte words.
+@cuda.jit("void(" + ", ".join(["int64"] * N_ARGS) + ")")
+def _copy(meta, n_layers, n_runs, run_bytes, pieces, piece_bytes, layer_lo, layer_hi, req, partials, to_pool):
+    """blockIdx.x enumerates (block i, layer l in [lo, hi), run r, piece p); threads stride over the
+    piece's 16-byte words. Every argument is a number (arrays by address), so that a launch is one driver
+    call with nothing for Python to convert.
 
     meta (device): bases[n_layers], block strides[n_layers], run offsets[n_layers * n_runs].
-    req (mapped host memory): block ids in row 0, slot addresses in row 1; read once per CUDA block,
+    req (mapped host memory): (block id, slot address) per block; read by one thread per CUDA block,
     since each read is a PCIe round trip. The checksum is reduced in shared memory and written once per
-    CUDA block, with no atomics (atomics on host-mapped memory cross PCIe one by one)."""
-    per_block = (layer_hi - layer_lo) * n_runs
+    CUDA block to `partials` (mapped), with no atomics (atomics on host memory cross PCIe one by one)."""
     job = cuda.blockIdx.x
-    i = job // per_block
-    rem = job - i * per_block
+    q = job // pieces
+    p = job - q * pieces
+    per_block = (layer_hi - layer_lo) * n_runs
+    i = q // per_block
+    rem = q - i * per_block
     layer = layer_lo + rem // n_runs
     r = rem - (rem // n_runs) * n_runs
-    shared_ids = cuda.shared.array(2, types.int64)
+    addrs = cuda.shared.array(2, types.int64)
     red = cuda.shared.array(THREADS, types.uint64)
     tid = cuda.threadIdx.x
+    start = p * piece_bytes
+    pos = (layer * n_runs + r) * run_bytes + start
     if tid == 0:
-        shared_ids[0] = req[0, i]
-        shared_ids[1] = req[1, i]
+        block_id = ld1(req + 16 * i)
+        addrs[0] = (ld1(meta + 8 * layer) + block_id * ld1(meta + 8 * (n_layers + layer))
+                    + ld1(meta + 8 * (2 * n_layers + layer * n_runs + r)) + start)
+        addrs[1] = ld1(req + 16 * i + 8) + pos
     cuda.syncthreads()
-    cache_addr = meta[layer] + shared_ids[0] * meta[n_layers + layer] + meta[2 * n_layers + layer * n_runs + r]
-    pos = (layer * n_runs + r) * run_bytes
-    slot_addr = shared_ids[1] + pos
-    src = cache_addr if to_pool else slot_addr
-    dst = slot_addr if to_pool else cache_addr
+    src = addrs[0] if to_pool else addrs[1]
+    dst = addrs[1] if to_pool else addrs[0]
     word0 = np.uint64(pos // 8)
-    nw = run_bytes // 16
+    nw = min(piece_bytes, run_bytes - start) // 16
     acc = np.uint64(0)
     for base in range(tid, nw, THREADS * UNROLL):
         lo0, hi0 = ld2(src + base * 16)
@@ -134,7 +176,7 @@ def _copy(meta, n_layers, n_runs, run_bytes, layer_lo, layer_hi, req, partials, 
         cuda.syncthreads()
         step //= 2
     if tid == 0:
-        partials[job] = red[0]
+        st1(partials + 8 * job, red[0])
 
 
 @cuda.jit(device=True, inline=True)
@@ -142,27 +184,96 @@ def _mix(lo, hi, idx):
     return (lo ^ (idx * K1)) * K2 + (hi ^ ((idx + np.uint64(1)) * K1)) * K2
 
 
+def split(n_runs: int, run_bytes: int) -> tuple[int, int]:
+    """(pieces per run, bytes per piece): a launch of n_runs runs becomes about TARGET_JOBS CUDA blocks."""
+    pieces = max(1, min(-(-TARGET_JOBS // max(n_runs, 1)), run_bytes // PIECE_MIN))
+    piece_bytes = -(-run_bytes // pieces)
+    piece_bytes = -(-piece_bytes // 16) * 16
+    return -(-run_bytes // piece_bytes), piece_bytes
+
+
+class _Mapped:
+    """Host memory the GPU reads and writes in place (pinned, mapped); a numpy view and the device
+    address. Under the simulator: plain host memory."""
+
+    def __init__(self, shape, dtype):
+        if SIMULATED:
+            self.host = np.zeros(shape, dtype)
+            self.dev = self.host.ctypes.data
+        else:
+            self._keep = cuda.mapped_array(shape, dtype)
+            self.host = np.asarray(self._keep).view(np.ndarray)
+            self.dev = int(self._keep.device_ctypes_pointer.value)
+
+
+class _Driver:
+    """The two driver calls of a launch, made through ctypes with prepared arguments: numba's launch
+    path converts and checks every argument on each call (~100 us), more than a one-block copy takes."""
+
+    def __init__(self):
+        lib = ctypes.CDLL("libcuda.so.1")
+        self.launch = lib.cuLaunchKernel
+        u = ctypes.c_uint
+        self.launch.argtypes = [ctypes.c_void_p, u, u, u, u, u, u, u, ctypes.c_void_p, ctypes.c_void_p,
+                                ctypes.c_void_p]
+        self.sync = lib.cuStreamSynchronize
+        self.sync.argtypes = [ctypes.c_void_p]
+        kernel = next(iter(_copy.overloads.values()))
+        handle = kernel._codelibrary.get_cufunc().handle
+        self.func = int(getattr(handle, "value", None) or int(handle))
+        self.vals = (ctypes.c_int64 * N_ARGS)()
+        base = ctypes.addressof(self.vals)
+        self.params = (ctypes.c_void_p * N_ARGS)(*[base + 8 * k for k in range(N_ARGS)])
+
+    def run(self, grid: int, args, stream: int) -> None:
+        self.vals[:] = args
+        err = self.launch(self.func, grid, 1, 1, THREADS, 1, 1, 0, stream, self.params, None)
+        if err == 0:
+            err = self.sync(stream)
+        if err != 0:
+            raise RuntimeError(f"CUDA error {err} in the block-copy kernel")
+
+
+_driver: _Driver | None = None
+
+
+def _stream_handle(stream) -> int:
+    """A CUDA stream given as a handle (int), a numba stream, a torch stream, or 0 (the default)."""
+    if not stream:
+        return 0
+    if isinstance(stream, int):
+        return stream
+    if hasattr(stream, "cuda_stream"):  # torch
+        return int(stream.cuda_stream)
+    h = stream.handle
+    return int(getattr(h, "value", None) or int(h) or 0)
+
+
 class _Launcher:
-    """Per-layout launch state kept across calls, so a launch costs one kernel and nothing else: the
-    layout's arrays live on the device; block ids, slot addresses and per-CUDA-block checksum partials go
-    through mapped (zero-copy) host memory."""
+    """Per-layout launch state kept across calls, so a launch costs one driver call and nothing else:
+    the layout's arrays live on the device; block ids, slot addresses and per-CUDA-block checksum
+    partials go through mapped (zero-copy) host memory."""
 
     def __init__(self, layout: CacheLayout):
         self.layout = layout
-        self.meta = cuda.to_device(np.concatenate([layout.bases, layout.block_stride, layout.runs.ravel()]))
-        self.cap = 0
-        self.pcap = 0
-        self._grow(64, 64 * layout.layers * layout.runs.shape[1])
+        meta = np.concatenate([layout.bases, layout.block_stride, layout.runs.ravel()]).astype(np.int64)
+        if SIMULATED:
+            self._meta = meta
+            self.meta = meta.ctypes.data
+        else:
+            self._meta = cuda.to_device(meta)
+            self.meta = int(self._meta.device_ctypes_pointer.value)
+        self.req = self.partials = None
+        self._grow(64, TARGET_JOBS * 4)
 
     def _grow(self, n: int, jobs: int) -> None:
-        if n > self.cap:
-            self.cap = max(n, 2 * self.cap)
-            self.req = cuda.mapped_array((2, self.cap), np.int64)
-        if jobs > self.pcap:
-            self.pcap = max(jobs, 2 * self.pcap)
-            self.partials = cuda.mapped_array(self.pcap, np.uint64)
+        if self.req is None or n > self.req.host.shape[0]:
+            self.req = _Mapped((max(n, 2 * (self.req.host.shape[0] if self.req else 0)), 2), np.int64)
+        if self.partials is None or jobs > self.partials.host.shape[0]:
+            self.partials = _Mapped(max(jobs, 2 * (self.partials.host.shape[0] if self.partials else 0)), np.uint64)
 
     def run(self, block_ids, slot_addrs, to_pool: bool, layers, stream) -> np.ndarray:
+        global _driver
         lay = self.layout
         if lay.run_bytes % 16:
             raise ValueError(f"runs of {lay.run_bytes} bytes are not a multiple of 16")
@@ -171,17 +282,21 @@ class _Launcher:
         if n == 0:
             return np.zeros(0, np.uint64)
         n_runs = lay.runs.shape[1]
-        grid = n * (hi - lo) * n_runs
+        runs = n * (hi - lo) * n_runs
+        pieces, piece_bytes = split(runs, lay.run_bytes)
+        grid = runs * pieces
         self._grow(n, grid)
-        self.req[0, :n] = block_ids
-        self.req[1, :n] = slot_addrs
-        launch = _copy[grid, THREADS, stream] if stream else _copy[grid, THREADS]
-        launch(self.meta, lay.layers, n_runs, lay.run_bytes, lo, hi, self.req, self.partials, to_pool)
-        if stream:
-            stream.synchronize()
+        self.req.host[:n, 0] = block_ids
+        self.req.host[:n, 1] = slot_addrs
+        args = (self.meta, lay.layers, n_runs, lay.run_bytes, pieces, piece_bytes, lo, hi, self.req.dev,
+                self.partials.dev, int(to_pool))
+        if SIMULATED:
+            _copy[grid, THREADS](*args)
         else:
-            cuda.synchronize()
-        return np.asarray(self.partials[:grid]).reshape(n, -1).sum(axis=1, dtype=np.uint64)
+            if _driver is None:
+                _driver = _Driver()
+            _driver.run(grid, args, _stream_handle(stream))
+        return self.partials.host[:grid].reshape(n, -1).sum(axis=1, dtype=np.uint64)
 
 
 _launchers: dict[int, _Launcher] = {}
@@ -196,7 +311,9 @@ def _launch(layout: CacheLayout, block_ids, slot_addrs, to_pool: bool, layers=No
 
 def gather(layout: CacheLayout, block_ids, slot_addrs, layers=None, stream=0) -> np.ndarray:
     """GPU cache -> pool slots (device addresses of the mapped pool). Returns per-block partial checksums
-    (over the layers copied; add the partials of all layer ranges for a whole block)."""
+    (over the layers copied; add the partials of all layer ranges for a whole block). `stream`: a CUDA
+    stream (handle, numba or torch stream; torch's current one in the connector); returns once the copy
+    on it is done."""
     return _launch(layout, block_ids, slot_addrs, True, layers, stream)
 
 

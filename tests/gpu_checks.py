@@ -123,7 +123,12 @@ def check_connector_datapath():
             dst = make_caches(layers, heads, dim, dtype, tokens, 16, "flash", fill=False)
             dlay = cache_layout.from_tensors(dst, 16)
             into = np.array([0, 2, 5, 6, 8, 15], np.int64)
-            back = cuda_kernels.scatter(dlay, into, np.array([reg.device_addr(c.slot_addr(x)) for x in hit.slots]))
+            hit_addrs = np.array([reg.device_addr(c.slot_addr(x)) for x in hit.slots])
+            back = cuda_kernels.scatter(dlay, into, hit_addrs)
+            if not SIM:  # on the caller's stream (what the connector passes: torch's current one)
+                with torch.cuda.stream(torch.cuda.Stream()):
+                    again = cuda_kernels.scatter(dlay, into, hit_addrs, stream=torch.cuda.current_stream())
+                assert (again == back).all()
             for k, (slot, gen) in enumerate(zip(hit.slots, hit.gens, strict=True)):
                 c.verify(slot, gen, int(back[k]))  # raises on a mismatch
             for t_src, t_dst in zip(src, dst, strict=True):

@@ -18,6 +18,7 @@ from beluga import model
 from beluga.cxlpool import pool as pool_mod
 from beluga.workers.connector import connector_config
 from beluga.workers.engine import EngineProcess, EngineSettings
+from beluga.workers.kvformat import CPU_BLOCK_TOKENS as BLOCK
 from beluga.workers.kvformat import from_model_dir
 
 pytestmark = [pytest.mark.engine, pytest.mark.timeout(900)]
@@ -102,13 +103,13 @@ def test_engine_b_serves_what_engine_a_computed(fleet):
     ttft_a, text_a, usage_a = complete(a.settings.url, prompt)
     assert usage_a["prompt_tokens"] > 1800 and usage_a["prompt_tokens_details"]["cached_tokens"] == 0
     saved = metric(a_metrics, "beluga_connector_saved_blocks")
-    assert saved >= usage_a["prompt_tokens"] // 128 - 1
+    assert saved >= usage_a["prompt_tokens"] // BLOCK - 1
 
     ttft_b, text_b, usage_b = complete(b.settings.url, prompt)
     cached = usage_b["prompt_tokens_details"]["cached_tokens"]
     assert text_b == text_a, "engine B's greedy output differs from engine A's"
-    assert cached >= (usage_a["prompt_tokens"] - 1) // 128 * 128  # every full block but the last token's
-    assert metric(b_metrics, "beluga_connector_loaded_blocks") >= cached // 128
+    assert cached >= (usage_a["prompt_tokens"] - 1) // BLOCK * BLOCK  # every full block but the last token's
+    assert metric(b_metrics, "beluga_connector_loaded_blocks") >= cached // BLOCK
     # Bytes: each block B loaded matched the checksum A committed (a mismatch would count here).
     assert metric(b_metrics, "beluga_connector_bad_blocks") == 0 and srv.stats()["integrity_failures"] == 0
     assert ttft_b <= 0.2 * ttft_a, f"TTFT from the pool {ttft_b:.2f}s vs computing {ttft_a:.2f}s"
@@ -125,7 +126,7 @@ def test_partial_prefix_hit_loads_only_shared_blocks(fleet):
     _, text_b, usage = complete(b.settings.url, shared + " a different ending entirely, longer than the first")
     loaded = metric(b_metrics, "beluga_connector_loaded_blocks") - before
     cached = usage["prompt_tokens_details"]["cached_tokens"]
-    assert 0 < cached < usage["prompt_tokens"] and loaded == cached // 128
+    assert 0 < cached < usage["prompt_tokens"] and loaded == cached // BLOCK
     _, text_a, _ = complete(a.settings.url, shared + " a different ending entirely, longer than the first")
     assert text_a == text_b
 

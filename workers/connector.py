@@ -162,6 +162,10 @@ class BelugaConnector(KVConnectorBase_V1):
             raise ValueError(f"BelugaConnector: pool {self.settings.pool} does not fit this engine: {e}") from e
         self.down_until = 0.0
         self._down_logged = False
+        try:
+            self.client.hello()  # also compiles the RPC path now rather than in the first request's TTFT
+        except PoolUnavailable as e:
+            self._pool_failed("start-up", e)
         # scheduler side
         self.reqs: dict[str, _ReqState] = {}
         self._pending: dict[str, float] = {}

@@ -19,6 +19,16 @@ class DataPath:
 
             self._cuda = cuda_kernels
             self.reg = cuda_kernels.Registration(client.base, client.mem.size)
+        else:
+            self._warm_up()
+
+    def _warm_up(self) -> None:
+        """Compile (or load from numba's cache) both kernels now, with no blocks: otherwise the first
+        request that hits the pool pays for it in its time to first token."""
+        none = np.zeros(0, np.int64)
+        for kernel in (cpu_kernels.gather, cpu_kernels.scatter):
+            kernel(self.layout.bases, self.layout.block_stride, self.layout.runs, self.layout.run_bytes, none, none,
+                   np.zeros(0, np.uint64))
 
     def _addrs(self, slots: list[int]) -> np.ndarray:
         addrs = [self.client.slot_addr(s) for s in slots]
@@ -26,12 +36,11 @@ class DataPath:
             addrs = [self.reg.device_addr(a) for a in addrs]
         return np.array(addrs, np.int64)
 
-    def _stream(self):
+    def _stream(self) -> int:
         """The engine's own CUDA stream (torch's current one), so copies order with its kernels."""
         import torch
-        from numba import cuda
 
-        return cuda.external_stream(torch.cuda.current_stream().cuda_stream)
+        return int(torch.cuda.current_stream().cuda_stream)
 
     def save(self, block_ids: list[int], slots: list[int], stream=None) -> np.ndarray:
         """Engine blocks -> slots (visible to others when this returns); per-block checksums."""

@@ -15,6 +15,12 @@ from beluga.cxlpool.layout import KVFormat
 
 CRYPTO_HASHES = ("sha256", "sha256_cbor")
 
+# The KV block size Beluga runs vLLM's CPU engines with (vLLM's CPU default is 128). Whoever serves a
+# prompt from any cache recomputes its last partial block; at 32 tokens (the smallest block vLLM's fast CPU
+# attention takes) that tail is 4x shorter: a 2,000-token hit measured 0.17 s TTFT against 0.45 s, with
+# the same prefill and decode speed. GPU engines keep vLLM's default (16).
+CPU_BLOCK_TOKENS = 32
+
 
 def hash_domain(algo: str, seed: str) -> str:
     return hashlib.sha256(f"{algo}:{seed}".encode()).hexdigest()[:16]
@@ -26,7 +32,7 @@ def kv_format(model_id: str, layers: int, kv_heads: int, head_dim: int, block_to
                     block_tokens=block_tokens, layout=layout, hash_domain=hash_domain(hash_algo, hash_seed))
 
 
-def from_model_dir(model_dir: str | Path, block_tokens: int = 128, dtype: str = "float32",
+def from_model_dir(model_dir: str | Path, block_tokens: int = CPU_BLOCK_TOKENS, dtype: str = "float32",
                    layout: str = "cpu", hash_algo: str = "sha256_cbor", hash_seed: str = "0",
                    model_id: str | None = None) -> KVFormat:
     """The format for a Hugging Face model folder (what `beluga serve` creates its pool with)."""
