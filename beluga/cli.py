@@ -174,7 +174,7 @@ def serve(workers: int = 2, policy: str = "least-loaded", pool: str = "/dev/shm/
           pool_size: str = "4G", no_pool: Annotated[bool, typer.Option("--no-pool", help="plain vLLM workers: "
                                                                         "the baseline")] = False,
           model: Annotated[str | None, typer.Option(help="HF model folder (default: bundled)")] = None,
-          host: str = "127.0.0.1", port: int = 8000, worker_base_port: int = 8100, kv_space_gb: float = 1.0,
+          host: str = "127.0.0.1", port: int = 8000, worker_base_port: int = 8100, kv_space_gb: int = 1,
           ray_address: str | None = None, log_dir: str = "/tmp/beluga-logs", pool_admin_port: int = 7700,
           pool_tcp_port: int = 7701,
           kv_transfer_config: Annotated[str | None, typer.Option(help="JSON: another KV connector for every "
@@ -235,7 +235,7 @@ def router(host: str = "127.0.0.1", port: int = 8000, policy: str = "least-loade
 @app.command("worker")
 def worker_cmd(pool: Annotated[str | None, typer.Option(help="pool path; none: no connector")] = None,
                model: str | None = None, host: str = "127.0.0.1", port: int = 8000, cores: str | None = None,
-               kv_space_gb: float = 1.0, device: str = "cpu", pool_tcp_port: int = 7701,
+               kv_space_gb: int = 1, device: str = "cpu", pool_tcp_port: int = 7701,
                connector_extra: Annotated[str, typer.Option(help="JSON merged into the connector's "
                                                             "kv_connector_extra_config")] = "{}",
                block_size: Annotated[int | None, typer.Option(help="KV block size; must be the pool's "

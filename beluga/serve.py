@@ -32,7 +32,7 @@ class ServeSettings(BaseModel):
     worker_base_port: int = Field(8100, ge=1, le=65000)
     pool_admin_port: int = Field(7700, ge=0, le=65535)
     pool_tcp_port: int = Field(7701, ge=0, le=65535)
-    kv_space_gb: float = Field(1.0, gt=0)
+    kv_space_gb: int = Field(1, ge=1, description="each CPU worker's own KV cache, whole GB")
     max_model_len: int = Field(8192, gt=0)
     ray_address: str | None = None
     log_dir: str = Field("/tmp/beluga-logs", description="engine and pool-server logs")

@@ -1,6 +1,6 @@
 """bench/e2e.py: the Beluga paper's experiment on this machine, Beluga against its peers side by side.
 
-    python bench/e2e.py [--lengths 2000 4000] [--rows 4] [--concurrency 2] [--kv-space-gb 0.5] [--out DIR] [--quick]
+    python bench/e2e.py [--lengths 2000 4000] [--rows 6] [--concurrency 2] [--out DIR] [--quick]
 
 Same synthetic LV-Eval data, two passes (populate, then warm, in a new order), closed loop, 2 vLLM CPU
 workers on the bundled model behind our router, for each configuration:
@@ -14,9 +14,10 @@ Writes per configuration and length a loadgen output folder, `table.md` (the pap
 `--quick` is the small version that `make test` runs so the script cannot rot.
 
 Each length gets its own documents (another synthesis seed), so one length's run cannot warm another's.
-Each worker's own KV cache (`--kv-space-gb`, 0.5 GB: 11,600 tokens) is smaller than a pass's working set
-(12 requests: 24,000 / 48,000 tokens), as on the paper's GPUs where the documents outgrow HBM; the shared
-stores (Beluga's pool, LMCache's server, the shared folder) each hold all of it.
+Each worker's own KV cache (vLLM CPU's smallest, 1 GB: 23,000 tokens) holds less than its share of a
+pass's working set at 4,000 tokens (18 requests: 72,000 tokens, 36,000 a worker), as on the paper's GPUs
+where the documents outgrow HBM; the shared stores (Beluga's pool, LMCache's server, the shared folder)
+each hold all of it.
 """
 
 from __future__ import annotations
@@ -227,8 +228,8 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--configs", nargs="+", default=list(ALL), choices=ALL)
     ap.add_argument("--lengths", nargs="+", type=int, default=[2000, 4000])
-    ap.add_argument("--rows", type=int, default=4, help="rows per subset")
-    ap.add_argument("--kv-space-gb", type=float, default=0.5, help="each worker's own KV cache")
+    ap.add_argument("--rows", type=int, default=6, help="rows per subset")
+    ap.add_argument("--kv-space-gb", type=int, default=1, help="each worker's own KV cache (whole GB)")
     ap.add_argument("--concurrency", type=int, default=2)
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / f"e2e-{time.strftime('%Y-%m-%d')}"))

@@ -112,6 +112,12 @@ else:
         return sig, codegen
 
 
+@cuda.jit(device=True, inline=True)
+def _mix(lo, hi, idx):
+    return (lo ^ (idx * K1)) * K2 + (hi ^ ((idx + np.uint64(1)) * K1)) * K2
+
+
+# Compiled at import, for one signature (all int64), so that the launcher can take the kernel's handle.
 @cuda.jit("void(" + ", ".join(["int64"] * N_ARGS) + ")")
 def _copy(meta, n_layers, n_runs, run_bytes, pieces, piece_bytes, layer_lo, layer_hi, req, partials, to_pool):
     """blockIdx.x enumerates (block i, layer l in [lo, hi), run r, piece p); threads stride over the
@@ -120,8 +126,9 @@ def _copy(meta, n_layers, n_runs, run_bytes, pieces, piece_bytes, layer_lo, laye
 
     meta (device): bases[n_layers], block strides[n_layers], run offsets[n_layers * n_runs].
     req (mapped host memory): (block id, slot address) per block; read by one thread per CUDA block,
-    since each read is a PCIe round trip. The checksum is reduced in shared memory and written once per
-    CUDA block to `partials` (mapped), with no atomics (atomics on host memory cross PCIe one by one)."""
+    since each read is a PCIe round trip (a device copy made before each launch measured slower).
+    The checksum is reduced in shared memory and written once per CUDA block to `partials` (mapped host
+    memory), with no atomics (atomics on host memory cross PCIe one by one)."""
     job = cuda.blockIdx.x
     q = job // pieces
     p = job - q * pieces
@@ -179,11 +186,6 @@ def _copy(meta, n_layers, n_runs, run_bytes, pieces, piece_bytes, layer_lo, laye
         st1(partials + 8 * job, red[0])
 
 
-@cuda.jit(device=True, inline=True)
-def _mix(lo, hi, idx):
-    return (lo ^ (idx * K1)) * K2 + (hi ^ ((idx + np.uint64(1)) * K1)) * K2
-
-
 def split(n_runs: int, run_bytes: int) -> tuple[int, int]:
     """(pieces per run, bytes per piece): a launch of n_runs runs becomes about TARGET_JOBS CUDA blocks."""
     pieces = max(1, min(-(-TARGET_JOBS // max(n_runs, 1)), run_bytes // PIECE_MIN))
@@ -207,8 +209,8 @@ class _Mapped:
 
 
 class _Driver:
-    """The two driver calls of a launch, made through ctypes with prepared arguments: numba's launch
-    path converts and checks every argument on each call (~100 us), more than a one-block copy takes."""
+    """The two driver calls of a launch, made through ctypes: numba's launch path converts and checks
+    every argument on each call (~100 us), more than a one-block copy takes."""
 
     def __init__(self):
         lib = ctypes.CDLL("libcuda.so.1")
@@ -221,13 +223,9 @@ class _Driver:
         kernel = next(iter(_copy.overloads.values()))
         handle = kernel._codelibrary.get_cufunc().handle
         self.func = int(getattr(handle, "value", None) or int(handle))
-        self.vals = (ctypes.c_int64 * N_ARGS)()
-        base = ctypes.addressof(self.vals)
-        self.params = (ctypes.c_void_p * N_ARGS)(*[base + 8 * k for k in range(N_ARGS)])
 
-    def run(self, grid: int, args, stream: int) -> None:
-        self.vals[:] = args
-        err = self.launch(self.func, grid, 1, 1, THREADS, 1, 1, 0, stream, self.params, None)
+    def run(self, grid: int, params, stream: int) -> None:
+        err = self.launch(self.func, grid, 1, 1, THREADS, 1, 1, 0, stream, params, None)
         if err == 0:
             err = self.sync(stream)
         if err != 0:
@@ -249,28 +247,52 @@ def _stream_handle(stream) -> int:
     return int(getattr(h, "value", None) or int(h) or 0)
 
 
+# argument positions of _copy
+A_META, A_LAYERS, A_RUNS, A_RUN_BYTES, A_PIECES, A_PIECE_BYTES, A_LO, A_HI, A_REQ, A_PARTIALS, A_TO_POOL = range(
+    N_ARGS)
+
+
 class _Launcher:
-    """Per-layout launch state kept across calls, so a launch costs one driver call and nothing else:
+    """Per-layout launch state kept across calls, so that a launch is a few stores and one driver call:
     the layout's arrays live on the device; block ids, slot addresses and per-CUDA-block checksum
-    partials go through mapped (zero-copy) host memory."""
+    partials go through mapped (zero-copy) host memory; the kernel's arguments sit in a ctypes array whose
+    constant entries are written once."""
 
     def __init__(self, layout: CacheLayout):
         self.layout = layout
         meta = np.concatenate([layout.bases, layout.block_stride, layout.runs.ravel()]).astype(np.int64)
         if SIMULATED:
             self._meta = meta
-            self.meta = meta.ctypes.data
+            meta_addr = meta.ctypes.data
         else:
             self._meta = cuda.to_device(meta)
-            self.meta = int(self._meta.device_ctypes_pointer.value)
+            meta_addr = int(self._meta.device_ctypes_pointer.value)
+        self.args = (ctypes.c_int64 * N_ARGS)()
+        self.params = (ctypes.c_void_p * N_ARGS)(*[ctypes.addressof(self.args) + 8 * k for k in range(N_ARGS)])
+        self.args[A_META], self.args[A_LAYERS] = meta_addr, layout.layers
+        self.args[A_RUNS], self.args[A_RUN_BYTES] = layout.runs.shape[1], layout.run_bytes
         self.req = self.partials = None
+        self.shapes: dict[tuple[int, int, int], tuple[int, int, int]] = {}
         self._grow(64, TARGET_JOBS * 4)
 
     def _grow(self, n: int, jobs: int) -> None:
         if self.req is None or n > self.req.host.shape[0]:
             self.req = _Mapped((max(n, 2 * (self.req.host.shape[0] if self.req else 0)), 2), np.int64)
+            self.args[A_REQ] = self.req.dev
         if self.partials is None or jobs > self.partials.host.shape[0]:
             self.partials = _Mapped(max(jobs, 2 * (self.partials.host.shape[0] if self.partials else 0)), np.uint64)
+            self.args[A_PARTIALS] = self.partials.dev
+
+    def _shape(self, n: int, lo: int, hi: int) -> tuple[int, int, int]:
+        """(grid, pieces, piece bytes) for n blocks of layers [lo, hi)."""
+        key = (n, lo, hi)
+        if key not in self.shapes:
+            runs = n * (hi - lo) * self.layout.runs.shape[1]
+            pieces, piece_bytes = split(runs, self.layout.run_bytes)
+            if len(self.shapes) > 4096:
+                self.shapes.clear()
+            self.shapes[key] = (runs * pieces, pieces, piece_bytes)
+        return self.shapes[key]
 
     def run(self, block_ids, slot_addrs, to_pool: bool, layers, stream) -> np.ndarray:
         global _driver
@@ -281,21 +303,18 @@ class _Launcher:
         n = len(block_ids)
         if n == 0:
             return np.zeros(0, np.uint64)
-        n_runs = lay.runs.shape[1]
-        runs = n * (hi - lo) * n_runs
-        pieces, piece_bytes = split(runs, lay.run_bytes)
-        grid = runs * pieces
+        grid, pieces, piece_bytes = self._shape(n, lo, hi)
         self._grow(n, grid)
         self.req.host[:n, 0] = block_ids
         self.req.host[:n, 1] = slot_addrs
-        args = (self.meta, lay.layers, n_runs, lay.run_bytes, pieces, piece_bytes, lo, hi, self.req.dev,
-                self.partials.dev, int(to_pool))
+        a = self.args
+        a[A_PIECES], a[A_PIECE_BYTES], a[A_LO], a[A_HI], a[A_TO_POOL] = pieces, piece_bytes, lo, hi, to_pool
         if SIMULATED:
-            _copy[grid, THREADS](*args)
+            _copy[grid, THREADS](*a)
         else:
             if _driver is None:
                 _driver = _Driver()
-            _driver.run(grid, args, _stream_handle(stream))
+            _driver.run(grid, self.params, _stream_handle(stream))
         return self.partials.host[:grid].reshape(n, -1).sum(axis=1, dtype=np.uint64)
 
 

@@ -33,7 +33,7 @@ class EngineSettings(BaseModel):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
     cores: str | None = Field(None, description="CPU cores for the engine's threads, e.g. '0' or '0-1'")
-    kv_space_gb: float = Field(1.0, gt=0, description="VLLM_CPU_KVCACHE_SPACE")
+    kv_space_gb: int = Field(1, ge=1, description="VLLM_CPU_KVCACHE_SPACE (whole GB: vLLM reads an integer)")
     max_model_len: int = Field(8192, gt=0)
     dtype: str = "float32"
     block_size: int | None = Field(None, gt=0, description="vLLM's --block-size; default: 32 on the CPU "
@@ -69,7 +69,7 @@ class EngineSettings(BaseModel):
         env = dict(os.environ)
         env.update({
             "PYTHONHASHSEED": HASH_SEED,
-            "VLLM_CPU_KVCACHE_SPACE": f"{self.kv_space_gb:g}",
+            "VLLM_CPU_KVCACHE_SPACE": str(self.kv_space_gb),
             "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
             "VLLM_TARGET_DEVICE": self.device,
             "VLLM_NO_USAGE_STATS": "1",
