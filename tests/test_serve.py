@@ -172,3 +172,19 @@ def test_sigkilled_worker_comes_back_by_itself(serve):
             break
         time.sleep(1)
     assert seen_down and view[f"http://127.0.0.1:{base}"], "worker did not come back"
+
+
+def test_a_worker_that_cannot_start_fails_serve_fast_with_its_log(tmp_path):
+    """Bad engine settings (here: a model folder with no model) must not leave `beluga serve` waiting for
+    ten minutes: after two failed starts it exits with the engine's own error."""
+    empty = tmp_path / "no-model"
+    empty.mkdir()
+    port = free_port()
+    cmd = [sys.executable, "-m", "beluga", "serve", "--workers", "1", "--no-pool", "--model", str(empty),
+           "--port", str(port), "--worker-base-port", str(free_port()), "--log-dir", str(tmp_path / "logs")]
+    t0 = time.monotonic()
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, start_new_session=True)
+    assert r.returncode != 0
+    out = r.stdout + r.stderr
+    assert "failed to start 2 times" in out and "no-model" in out, out[-3000:]
+    assert time.monotonic() - t0 < 240

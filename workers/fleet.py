@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import ray
 
-from beluga.workers.engine import EngineProcess, EngineSettings
+from beluga.workers.engine import EngineProcess, EngineSettings, tail
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +29,8 @@ class WorkerActor:
         self.unhealthy_after_s, self.check_every_s = unhealthy_after_s, check_every_s
         self.engine = EngineProcess(self.settings).start()
         self.restarts = 0
+        self.start_failures = 0  # in a row, before the engine ever answered: bad settings, not bad luck
+        self.last_error = ""
         self.ready = False
         self.stopping = False
         self._lock = threading.Lock()
@@ -41,9 +43,12 @@ class WorkerActor:
                 try:
                     self.engine.wait_ready()
                     self.ready = True
+                    self.start_failures = 0
                     bad_since = None
                 except (RuntimeError, TimeoutError) as e:
                     log.warning("worker %s failed to start: %s", self.settings.url, e)
+                    self.start_failures += 1
+                    self.last_error = f"{e}\n{tail(self.settings.log_file, 12)}"
                     self._restart()
                 continue
             if not self.engine.alive():
@@ -71,7 +76,8 @@ class WorkerActor:
             self.engine = EngineProcess(self.settings).start()
 
     def info(self) -> dict:
-        return {"url": self.settings.url, "ready": self.ready, "pid": self.engine.pid, "restarts": self.restarts}
+        return {"url": self.settings.url, "ready": self.ready, "pid": self.engine.pid, "restarts": self.restarts,
+                "start_failures": self.start_failures, "last_error": self.last_error}
 
     def stop(self) -> None:
         self.stopping = True
@@ -106,7 +112,10 @@ class Fleet:
                 ray.init(num_cpus=num_cpus, namespace=NAMESPACE, include_dashboard=False, log_to_driver=False)
         self.actors = []
 
-    def start(self, progress: Callable[[str], None] | None = None, timeout_s: float = 600) -> Fleet:
+    def start(self, progress: Callable[[str], None] | None = None, timeout_s: float = 600,
+              give_up_after: int = 2) -> Fleet:
+        """Start every worker and wait until all answer. A worker whose engine exits `give_up_after` times
+        in a row while starting has bad settings (a vLLM flag, the model, the pool): fail now, with its log."""
         for i, s in enumerate(self.settings):
             self.actors.append(WorkerActor.options(name=f"{PREFIX}{i}", namespace=NAMESPACE,
                                                    lifetime=None).remote(s.model_dump()))
@@ -118,6 +127,10 @@ class Fleet:
                 progress(f"{ready}/{len(infos)} workers ready")
             if ready == len(infos):
                 return self
+            broken = next((i for i in infos if not i["ready"] and i["start_failures"] >= give_up_after), None)
+            if broken:
+                raise RuntimeError(f"worker {broken['url']} failed to start {broken['start_failures']} times: "
+                                   f"{broken['last_error']}")
             if time.monotonic() > deadline:
                 raise TimeoutError(f"only {ready} of {len(infos)} workers became ready in {timeout_s}s")
             time.sleep(1)
