@@ -117,8 +117,6 @@ def _mix(lo, hi, idx):
     return (lo ^ (idx * K1)) * K2 + (hi ^ ((idx + np.uint64(1)) * K1)) * K2
 
 
-# Compiled at import, for one signature (all int64), so that the launcher can take the kernel's handle.
-@cuda.jit("void(" + ", ".join(["int64"] * N_ARGS) + ")")
 def _copy(meta, n_layers, n_runs, run_bytes, pieces, piece_bytes, layer_lo, layer_hi, req, partials, to_pool):
     """blockIdx.x enumerates (block i, layer l in [lo, hi), run r, piece p); threads stride over the
     piece's 16-byte words. Every argument is a number (arrays by address), so that a launch is one driver
@@ -186,6 +184,18 @@ def _copy(meta, n_layers, n_runs, run_bytes, pieces, piece_bytes, layer_lo, laye
         st1(partials + 8 * job, red[0])
 
 
+_compiled = None
+
+
+def _kernel():
+    """`_copy` compiled for its one signature (all int64), on first use: importing this module must work
+    on machines without a GPU (the CPU tests import it)."""
+    global _compiled
+    if _compiled is None:
+        _compiled = cuda.jit("void(" + ", ".join(["int64"] * N_ARGS) + ")")(_copy)
+    return _compiled
+
+
 def split(n_runs: int, run_bytes: int) -> tuple[int, int]:
     """(pieces per run, bytes per piece): a launch of n_runs runs becomes about TARGET_JOBS CUDA blocks."""
     pieces = max(1, min(-(-TARGET_JOBS // max(n_runs, 1)), run_bytes // PIECE_MIN))
@@ -220,7 +230,7 @@ class _Driver:
                                 ctypes.c_void_p]
         self.sync = lib.cuStreamSynchronize
         self.sync.argtypes = [ctypes.c_void_p]
-        kernel = next(iter(_copy.overloads.values()))
+        kernel = next(iter(_kernel().overloads.values()))
         handle = kernel._codelibrary.get_cufunc().handle
         self.func = int(getattr(handle, "value", None) or int(handle))
 
@@ -310,7 +320,7 @@ class _Launcher:
         a = self.args
         a[A_PIECES], a[A_PIECE_BYTES], a[A_LO], a[A_HI], a[A_TO_POOL] = pieces, piece_bytes, lo, hi, to_pool
         if SIMULATED:
-            _copy[grid, THREADS](*a)
+            _kernel()[grid, THREADS](*a)
         else:
             if _driver is None:
                 _driver = _Driver()
