@@ -319,15 +319,11 @@ class Dispatcher:
         self.index = index
         self.block_bytes = block_bytes
         self.lock = threading.Lock()
-        self._pid = os.getpid()
 
     def __call__(self, client, op: int, n: int, args, payload: bytes) -> Reply:
         with self.lock:
             self.index.drain()
             try:
-                if op == Op.HELLO:  # the cheapest call, and what RPC latency is measured with
-                    self.index.stats.rpc_calls[Op.HELLO] += 1
-                    return Reply(OK, 0, (self.index.geo.n_slots, self._pid, 0, 0), b"")
                 if op not in _OPS:
                     return Reply(ERR, 0, (0, 0, 0, 0), f"unknown op {op}".encode())
                 return self._dispatch(client, Op(op), n, args, payload)

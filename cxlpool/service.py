@@ -123,8 +123,8 @@ def _admin_handler(svc: MetadataService):
 
 def run(settings: PoolSettings, create_format: KVFormat | None = None) -> None:
     svc = MetadataService(settings, create_format)
-    # The index holds millions of small objects that live as long as the server: keep the collector
-    # from walking them (its full passes show up as RPC latency spikes).
+    # The eviction policy and lease tables hold an object or more per slot, millions of them, that live as
+    # long as the server: keep the collector from walking them (its full passes show up as latency spikes).
     gc.freeze()
     gc.set_threshold(50_000, 50, 1000)
     signal.signal(signal.SIGTERM, lambda *_: svc.shm.stop.set())

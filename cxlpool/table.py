@@ -105,10 +105,6 @@ class BlockTable:
         insert(self.tab, self.keys, slot)
         self.count += 1
 
-    def add_many(self, slots: np.ndarray) -> None:
-        _insert_all(self.tab, self.keys, slots.astype(np.int64))
-        self.count += len(slots)
-
     def discard(self, slot: int) -> None:
         if remove(self.tab, self.keys, slot):
             self.count -= 1

@@ -199,8 +199,7 @@ def _kernel():
 def split(n_runs: int, run_bytes: int) -> tuple[int, int]:
     """(pieces per run, bytes per piece): a launch of n_runs runs becomes about TARGET_JOBS CUDA blocks."""
     pieces = max(1, min(-(-TARGET_JOBS // max(n_runs, 1)), run_bytes // PIECE_MIN))
-    piece_bytes = -(-run_bytes // pieces)
-    piece_bytes = -(-piece_bytes // 16) * 16
+    piece_bytes = (-(-run_bytes // pieces) + 15) // 16 * 16  # ceil(run / pieces), rounded up to 16 bytes
     return -(-run_bytes // piece_bytes), piece_bytes
 
 
@@ -269,6 +268,8 @@ class _Launcher:
     constant entries are written once."""
 
     def __init__(self, layout: CacheLayout):
+        if layout.run_bytes % 16:
+            raise ValueError(f"runs of {layout.run_bytes} bytes are not a multiple of 16")
         self.layout = layout
         meta = np.concatenate([layout.bases, layout.block_stride, layout.runs.ravel()]).astype(np.int64)
         if SIMULATED:
@@ -282,7 +283,6 @@ class _Launcher:
         self.args[A_META], self.args[A_LAYERS] = meta_addr, layout.layers
         self.args[A_RUNS], self.args[A_RUN_BYTES] = layout.runs.shape[1], layout.run_bytes
         self.req = self.partials = None
-        self.shapes: dict[tuple[int, int, int], tuple[int, int, int]] = {}
         self._grow(64, TARGET_JOBS * 4)
 
     def _grow(self, n: int, jobs: int) -> None:
@@ -293,27 +293,16 @@ class _Launcher:
             self.partials = _Mapped(max(jobs, 2 * (self.partials.host.shape[0] if self.partials else 0)), np.uint64)
             self.args[A_PARTIALS] = self.partials.dev
 
-    def _shape(self, n: int, lo: int, hi: int) -> tuple[int, int, int]:
-        """(grid, pieces, piece bytes) for n blocks of layers [lo, hi)."""
-        key = (n, lo, hi)
-        if key not in self.shapes:
-            runs = n * (hi - lo) * self.layout.runs.shape[1]
-            pieces, piece_bytes = split(runs, self.layout.run_bytes)
-            if len(self.shapes) > 4096:
-                self.shapes.clear()
-            self.shapes[key] = (runs * pieces, pieces, piece_bytes)
-        return self.shapes[key]
-
     def run(self, block_ids, slot_addrs, to_pool: bool, layers, stream) -> np.ndarray:
         global _driver
         lay = self.layout
-        if lay.run_bytes % 16:
-            raise ValueError(f"runs of {lay.run_bytes} bytes are not a multiple of 16")
         lo, hi = layers if layers is not None else (0, lay.layers)
         n = len(block_ids)
         if n == 0:
             return np.zeros(0, np.uint64)
-        grid, pieces, piece_bytes = self._shape(n, lo, hi)
+        runs = n * (hi - lo) * lay.runs.shape[1]
+        pieces, piece_bytes = split(runs, lay.run_bytes)
+        grid = runs * pieces
         self._grow(n, grid)
         self.req.host[:n, 0] = block_ids
         self.req.host[:n, 1] = slot_addrs

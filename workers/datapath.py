@@ -27,8 +27,13 @@ class DataPath:
         request that hits the pool pays for it in its time to first token."""
         none = np.zeros(0, np.int64)
         for kernel in (cpu_kernels.gather, cpu_kernels.scatter):
-            kernel(self.layout.bases, self.layout.block_stride, self.layout.runs, self.layout.run_bytes, none, none,
-                   np.zeros(0, np.uint64))
+            self._cpu(kernel, none, none)
+
+    def _cpu(self, kernel, ids: np.ndarray, addrs: np.ndarray) -> np.ndarray:
+        sums = np.zeros(len(ids), np.uint64)
+        lay = self.layout
+        kernel(lay.bases, lay.block_stride, lay.runs, lay.run_bytes, ids, addrs, sums)
+        return sums
 
     def _addrs(self, slots: list[int]) -> np.ndarray:
         addrs = [self.client.slot_addr(s) for s in slots]
@@ -48,9 +53,7 @@ class DataPath:
         if self.on_gpu:
             sums = self._cuda.gather(self.layout, ids, addrs, stream=stream or self._stream())
         else:
-            sums = np.zeros(len(ids), np.uint64)
-            cpu_kernels.gather(self.layout.bases, self.layout.block_stride, self.layout.runs, self.layout.run_bytes,
-                               ids, addrs, sums)
+            sums = self._cpu(cpu_kernels.gather, ids, addrs)
         for s in slots:
             self.client.coh.wrote_externally(self.client.slot_offset(s), self.client.fmt.block_bytes)
         return sums
@@ -62,10 +65,7 @@ class DataPath:
         ids, addrs = np.asarray(block_ids, np.int64), self._addrs(slots)
         if self.on_gpu:
             return self._cuda.scatter(self.layout, ids, addrs, stream=stream or self._stream())
-        sums = np.zeros(len(ids), np.uint64)
-        cpu_kernels.scatter(self.layout.bases, self.layout.block_stride, self.layout.runs, self.layout.run_bytes,
-                            ids, addrs, sums)
-        return sums
+        return self._cpu(cpu_kernels.scatter, ids, addrs)
 
     def close(self) -> None:
         if self.reg is not None:
