@@ -28,7 +28,7 @@ from beluga.kernels.layout import CacheLayout  # noqa: E402
 K1 = np.uint64(0x9E3779B97F4A7C15)
 K2 = np.uint64(0xBF58476D1CE4E5B9)
 SIMULATED = bool(config.ENABLE_CUDASIM)
-THREADS = 32 if SIMULATED else 256
+THREADS = 32 if SIMULATED else 128  # 128 with UNROLL 8 measured best of 128-1024 x 4-16 on an H200
 CHUNK = 64 << 30  # cuMemHostRegister is done in pieces of at most 64 GiB
 
 if SIMULATED:
@@ -73,12 +73,12 @@ else:
         return sig, codegen
 
 
-UNROLL = 4  # 16-byte words each thread has in flight per iteration: loads issued before stores
-# A launch is split into at least this many CUDA blocks (runs cut into pieces of >= 4 KB): a few blocks
+UNROLL = 8  # 16-byte words each thread has in flight per iteration: loads issued before stores
+# A launch is split into at least this many CUDA blocks (runs cut into pieces of >= 2 KB): a few blocks
 # move little data, and over PCIe each SM's share is latency-bound, so spread them over every SM.
 TARGET_JOBS = 8 if SIMULATED else 1024  # the simulator runs each CUDA block as Python threads
 PIECE_MIN = THREADS * 16
-N_ARGS = 11
+N_ARGS = 12
 
 if SIMULATED:
 
@@ -117,14 +117,16 @@ def _mix(lo, hi, idx):
     return (lo ^ (idx * K1)) * K2 + (hi ^ ((idx + np.uint64(1)) * K1)) * K2
 
 
-def _copy(meta, n_layers, n_runs, run_bytes, pieces, piece_bytes, layer_lo, layer_hi, req, partials, to_pool):
+def _copy(meta, n_layers, n_runs, run_bytes, pieces, piece_bytes, layer_lo, layer_hi, req, partials, to_pool,
+          slot0):
     """blockIdx.x enumerates (block i, layer l in [lo, hi), run r, piece p); threads stride over the
     piece's 16-byte words. Every argument is a number (arrays by address), so that a launch is one driver
     call with nothing for Python to convert.
 
     meta (device): bases[n_layers], block strides[n_layers], run offsets[n_layers * n_runs].
     req (mapped host memory): (block id, slot address) per block; read by one thread per CUDA block,
-    since each read is a PCIe round trip (a device copy made before each launch measured slower).
+    since each read is a PCIe round trip (a device copy made before each launch measured slower). A
+    one-block launch passes its block id in `req` and its slot address in `slot0` instead: no round trip.
     The checksum is reduced in shared memory and written once per CUDA block to `partials` (mapped host
     memory), with no atomics (atomics on host memory cross PCIe one by one)."""
     job = cuda.blockIdx.x
@@ -141,37 +143,28 @@ def _copy(meta, n_layers, n_runs, run_bytes, pieces, piece_bytes, layer_lo, laye
     start = p * piece_bytes
     pos = (layer * n_runs + r) * run_bytes + start
     if tid == 0:
-        block_id = ld1(req + 16 * i)
+        block_id = ld1(req + 16 * i) if slot0 == 0 else req
         addrs[0] = (ld1(meta + 8 * layer) + block_id * ld1(meta + 8 * (n_layers + layer))
                     + ld1(meta + 8 * (2 * n_layers + layer * n_runs + r)) + start)
-        addrs[1] = ld1(req + 16 * i + 8) + pos
+        addrs[1] = (ld1(req + 16 * i + 8) if slot0 == 0 else slot0) + pos
     cuda.syncthreads()
     src = addrs[0] if to_pool else addrs[1]
     dst = addrs[1] if to_pool else addrs[0]
     word0 = np.uint64(pos // 8)
     nw = min(piece_bytes, run_bytes - start) // 16
     acc = np.uint64(0)
+    lo = cuda.local.array(UNROLL, types.uint64)
+    hi = cuda.local.array(UNROLL, types.uint64)
     for base in range(tid, nw, THREADS * UNROLL):
-        lo0, hi0 = ld2(src + base * 16)
-        w1, w2, w3 = base + THREADS, base + 2 * THREADS, base + 3 * THREADS
-        lo1 = hi1 = lo2 = hi2 = lo3 = hi3 = np.uint64(0)
-        if w1 < nw:
-            lo1, hi1 = ld2(src + w1 * 16)
-        if w2 < nw:
-            lo2, hi2 = ld2(src + w2 * 16)
-        if w3 < nw:
-            lo3, hi3 = ld2(src + w3 * 16)
-        st2(dst + base * 16, lo0, hi0)
-        acc += _mix(lo0, hi0, word0 + np.uint64(2 * base))
-        if w1 < nw:
-            st2(dst + w1 * 16, lo1, hi1)
-            acc += _mix(lo1, hi1, word0 + np.uint64(2 * w1))
-        if w2 < nw:
-            st2(dst + w2 * 16, lo2, hi2)
-            acc += _mix(lo2, hi2, word0 + np.uint64(2 * w2))
-        if w3 < nw:
-            st2(dst + w3 * 16, lo3, hi3)
-            acc += _mix(lo3, hi3, word0 + np.uint64(2 * w3))
+        for u in range(UNROLL):  # all loads in flight before the first store
+            w = base + u * THREADS
+            if w < nw:
+                lo[u], hi[u] = ld2(src + w * 16)
+        for u in range(UNROLL):
+            w = base + u * THREADS
+            if w < nw:
+                st2(dst + w * 16, lo[u], hi[u])
+                acc += _mix(lo[u], hi[u], word0 + np.uint64(2 * w))
     red[tid] = acc
     cuda.syncthreads()
     step = THREADS // 2
@@ -257,8 +250,8 @@ def _stream_handle(stream) -> int:
 
 
 # argument positions of _copy
-A_META, A_LAYERS, A_RUNS, A_RUN_BYTES, A_PIECES, A_PIECE_BYTES, A_LO, A_HI, A_REQ, A_PARTIALS, A_TO_POOL = range(
-    N_ARGS)
+(A_META, A_LAYERS, A_RUNS, A_RUN_BYTES, A_PIECES, A_PIECE_BYTES, A_LO, A_HI, A_REQ, A_PARTIALS, A_TO_POOL,
+ A_SLOT0) = range(N_ARGS)
 
 
 class _Launcher:
@@ -283,12 +276,12 @@ class _Launcher:
         self.args[A_META], self.args[A_LAYERS] = meta_addr, layout.layers
         self.args[A_RUNS], self.args[A_RUN_BYTES] = layout.runs.shape[1], layout.run_bytes
         self.req = self.partials = None
+        self._split: dict[int, tuple[int, int]] = {}  # runs in a launch -> (pieces per run, bytes per piece)
         self._grow(64, TARGET_JOBS * 4)
 
     def _grow(self, n: int, jobs: int) -> None:
         if self.req is None or n > self.req.host.shape[0]:
             self.req = _Mapped((max(n, 2 * (self.req.host.shape[0] if self.req else 0)), 2), np.int64)
-            self.args[A_REQ] = self.req.dev
         if self.partials is None or jobs > self.partials.host.shape[0]:
             self.partials = _Mapped(max(jobs, 2 * (self.partials.host.shape[0] if self.partials else 0)), np.uint64)
             self.args[A_PARTIALS] = self.partials.dev
@@ -301,12 +294,16 @@ class _Launcher:
         if n == 0:
             return np.zeros(0, np.uint64)
         runs = n * (hi - lo) * lay.runs.shape[1]
-        pieces, piece_bytes = split(runs, lay.run_bytes)
+        pieces, piece_bytes = self._split.get(runs) or self._split.setdefault(runs, split(runs, lay.run_bytes))
         grid = runs * pieces
         self._grow(n, grid)
-        self.req.host[:n, 0] = block_ids
-        self.req.host[:n, 1] = slot_addrs
         a = self.args
+        if n == 1:
+            a[A_REQ], a[A_SLOT0] = int(block_ids[0]), int(slot_addrs[0])
+        else:
+            self.req.host[:n, 0] = block_ids
+            self.req.host[:n, 1] = slot_addrs
+            a[A_REQ], a[A_SLOT0] = self.req.dev, 0
         a[A_PIECES], a[A_PIECE_BYTES], a[A_LO], a[A_HI], a[A_TO_POOL] = pieces, piece_bytes, lo, hi, to_pool
         if SIMULATED:
             _kernel()[grid, THREADS](*a)
@@ -314,7 +311,10 @@ class _Launcher:
             if _driver is None:
                 _driver = _Driver()
             _driver.run(grid, self.params, _stream_handle(stream))
-        return self.partials.host[:grid].reshape(n, -1).sum(axis=1, dtype=np.uint64)
+        partials = self.partials.host[:grid]
+        if n == 1:
+            return partials.sum(dtype=np.uint64, keepdims=True)
+        return partials.reshape(n, -1).sum(axis=1, dtype=np.uint64)
 
 
 _launchers: dict[int, _Launcher] = {}

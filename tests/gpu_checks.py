@@ -72,18 +72,16 @@ def check_kernels(name, geo, layout, n_blocks, pool_mem, pool_dev_base):
     bb = lay.block_bytes
     slot_host = [pool_mem[i * bb:(i + 1) * bb] for i in range(n_blocks)]
     addrs = np.array([pool_dev_base + i * bb for i in range(n_blocks)], np.int64)
+    pool_mem[:n_blocks * bb] = 0
     sums = cuda_kernels.gather(lay, ids, addrs)
-    if not SIM:
-        torch.cuda.synchronize()
     for i, b in enumerate(ids):
         ref = block_bytes_ref(caches, layout, int(b))
         assert (slot_host[i] == ref).all(), f"{name}/{layout}: gathered block {i} differs"
         assert int(sums[i]) == int(cpu_kernels.checksum(slot_host[i].ctypes.data, bb)), "checksum differs"
     # Per-layer variant: the partial sums of two layer ranges add up to the whole block's.
     half = layers // 2
-    parts = cuda_kernels.gather(lay, ids[:1], addrs[:1], (0, half)) + cuda_kernels.gather(lay, ids[:1], addrs[:1],
-                                                                                         (half, layers))
-    assert int(parts[0]) == int(sums[0])
+    parts = sum(cuda_kernels.gather(lay, ids[:2], addrs[:2], r) for r in ((0, half), (half, layers)))
+    assert (parts == sums[:2]).all()
     dst = make_caches(layers, heads, dim, dtype, tokens, n_blocks + 3, layout, fill=False)
     dlay = cache_layout.from_tensors(dst, n_blocks + 3)
     back = cuda_kernels.scatter(dlay, ids, addrs)
