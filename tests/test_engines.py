@@ -32,7 +32,7 @@ def long_prompt(tokens: int = 2000, tag: str = "") -> str:
     return f"{tag}Read the notes and answer.\n{body}\nQuestion: what does the pool hold?\nAnswer:"
 
 
-def complete(url: str, prompt: str, **extra) -> tuple[float, str, dict]:
+def complete(url: str, prompt: str | list[int], **extra) -> tuple[float, str, dict]:
     """Streamed greedy completion: (time to first token, text, usage)."""
     body = {"model": "smollm2-135m-instruct", "prompt": prompt, "max_tokens": 12, "temperature": 0,
             "stream": True, "stream_options": {"include_usage": True}, **extra}
@@ -108,8 +108,9 @@ def test_engine_b_serves_what_engine_a_computed(fleet):
     ttft_b, text_b, usage_b = complete(b.settings.url, prompt)
     cached = usage_b["prompt_tokens_details"]["cached_tokens"]
     assert text_b == text_a, "engine B's greedy output differs from engine A's"
-    assert cached >= (usage_a["prompt_tokens"] - 1) // BLOCK * BLOCK  # every full block but the last token's
-    assert metric(b_metrics, "beluga_connector_loaded_blocks") >= cached // BLOCK
+    assert usage_a["prompt_tokens"] % BLOCK, "pick a prompt that ends in a partial block"
+    assert cached == usage_a["prompt_tokens"] - 1  # all but the last token: full blocks and the partial tail
+    assert metric(b_metrics, "beluga_connector_loaded_blocks") >= -(-cached // BLOCK)
     # Bytes: each block B loaded matched the checksum A committed (a mismatch would count here).
     assert metric(b_metrics, "beluga_connector_bad_blocks") == 0 and srv.stats()["integrity_failures"] == 0
     assert ttft_b <= 0.2 * ttft_a, f"TTFT from the pool {ttft_b:.2f}s vs computing {ttft_a:.2f}s"
@@ -129,6 +130,17 @@ def test_partial_prefix_hit_loads_only_shared_blocks(fleet):
     assert 0 < cached < usage["prompt_tokens"] and loaded == cached // BLOCK
     _, text_a, _ = complete(a.settings.url, shared + " a different ending entirely, longer than the first")
     assert text_a == text_b
+
+
+def test_a_prompt_tail_is_reused_only_by_the_same_tokens(fleet):
+    _, (a, _), (b, _) = fleet
+    ids = [(i * 37) % 5000 + 100 for i in range(BLOCK * 20 + 11)]  # 20 full blocks and an 11-token tail
+    other = ids[:-1] + [ids[-1] + 1]  # the same full blocks, another tail
+    _, text_a, _ = complete(a.settings.url, ids)
+    _, _, usage = complete(b.settings.url, other)
+    assert usage["prompt_tokens_details"]["cached_tokens"] == BLOCK * 20  # the full blocks, not A's tail
+    _, text_b, usage = complete(b.settings.url, ids)
+    assert usage["prompt_tokens_details"]["cached_tokens"] == len(ids) - 1 and text_b == text_a
 
 
 def test_cache_salt_isolates_tenants(fleet):

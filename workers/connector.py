@@ -12,16 +12,20 @@ forward pass, copy the leased slots into the engine's cache blocks (checksums ve
 reported and recomputed); after it, copy newly full blocks into fresh slots and commit them.
 
 Keys are vLLM's own block hashes (chained, so one key names a whole prefix; a request's cache_salt is
-hashed into its first block, so tenants never share). When the pool is unreachable the connector
+hashed into its first block, so tenants never share). A prompt's last, partial block is stored too, under
+a key of its own (`tail_key`): a repeated prompt then loads everything but its last token, where a cache
+of full blocks only recomputes up to a block's worth of tokens. When the pool is unreachable the connector
 answers "no hit", saves nothing, logs once, and retries later: the engine computes as if it were absent.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
 import time
+from array import array
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -106,6 +110,15 @@ def connector_config(pool: str, **extra) -> dict:
             "kv_connector_extra_config": {"pool": pool, **extra}}
 
 
+TAIL_TAG = b"beluga:tail"
+
+
+def tail_key(prefix_hash: bytes, tokens) -> bytes:
+    """The pool key of a prompt's last, partial block: the hash of the full blocks before it (which names
+    the whole prefix, cache_salt included) and the tail's own token ids."""
+    return hashlib.sha256(prefix_hash + TAIL_TAG + array("q", tokens).tobytes()).digest()
+
+
 @dataclass
 class LoadSpec:
     slots: list[int]
@@ -135,6 +148,7 @@ class _ReqState:
     leased: list[int] = field(default_factory=list)
     plan: LoadSpec | None = None
     start_block: int = 0
+    tail_saved: bool = False
 
 
 class BelugaConnector(KVConnectorBase_V1):
@@ -222,23 +236,41 @@ class BelugaConnector(KVConnectorBase_V1):
         self._drop_lease(st)
         if not self.settings.load or not self._pool_ok():
             return 0, False
-        # At least one prompt token must be computed by the engine, so the last block may not be loaded.
-        limit = min((request.num_prompt_tokens - 1) // self.block_size, len(request.block_hashes))
+        n_prompt = request.num_prompt_tokens
+        full = min(n_prompt // self.block_size, len(request.block_hashes))
         start = num_computed_tokens // self.block_size
-        if limit <= start:
+        keys = [bytes(h) for h in request.block_hashes[start:full]]
+        tail = self._tail(request)
+        if tail is not None:
+            keys.append(tail)
+        if not keys:
             return 0, False
         try:
-            hit = self.client.lookup([bytes(h) for h in request.block_hashes[start:limit]], lease=True)
+            hit = self.client.lookup(keys, lease=True)
             self._pool_back()
         except (PoolUnavailable, RuntimeError) as e:
             self._pool_failed("lookup", e)
             return 0, False
-        if not hit.slots:
-            return 0, False
+        covered = n_prompt if len(hit.slots) > full - start else (start + len(hit.slots)) * self.block_size
+        # At least one prompt token must be computed by the engine: it yields the first output token.
+        matched = min(covered, n_prompt - 1) - start * self.block_size
         st.leased = list(hit.slots)
+        if matched <= 0:
+            self._drop_lease(st)
+            return 0, False
         st.plan = LoadSpec(list(hit.slots), list(hit.gens), [])
         st.start_block = start
-        return len(hit.slots) * self.block_size, False
+        return matched, False
+
+    def _tail(self, request: Request) -> bytes | None:
+        """The key of the prompt's partial last block, if it has one and its tokens alone name its
+        content (no multimodal inputs or LoRA, which vLLM hashes beside the tokens)."""
+        n, bs = request.num_prompt_tokens, self.block_size
+        full = n // bs
+        if (n % bs == 0 or full == 0 or len(request.block_hashes) < full or request.prompt_token_ids is None
+                or request.mm_features or request.lora_request is not None):
+            return None
+        return tail_key(bytes(request.block_hashes[full - 1]), request.prompt_token_ids[full * bs:n])
 
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int):
         st = self.reqs.get(request.request_id)
@@ -248,7 +280,7 @@ class BelugaConnector(KVConnectorBase_V1):
             self._drop_lease(st)
             return
         ids = blocks.get_block_ids()[0]
-        n = num_external_tokens // self.block_size
+        n = -(-num_external_tokens // self.block_size)  # the last one may be the prompt's partial block
         st.plan.block_ids = list(ids[st.start_block: st.start_block + n])
         st.plan.slots, st.plan.gens = st.plan.slots[:n], st.plan.gens[:n]
 
@@ -282,11 +314,22 @@ class BelugaConnector(KVConnectorBase_V1):
     def _plan_save(self, meta: BelugaMetadata, st: _ReqState, computed_after: int) -> None:
         if not self.settings.save or not self._pool_ok():
             return
+        keys: list[bytes] = []
+        ids: list[int] = []
         full = min(computed_after // self.block_size, len(st.request.block_hashes), len(st.block_ids))
         if full > st.saved_blocks:
-            keys = [bytes(h) for h in st.request.block_hashes[st.saved_blocks:full]]
-            meta.saves.append(SaveSpec(keys, st.block_ids[st.saved_blocks:full]))
+            keys += [bytes(h) for h in st.request.block_hashes[st.saved_blocks:full]]
+            ids += st.block_ids[st.saved_blocks:full]
             st.saved_blocks = full
+        if not st.tail_saved and computed_after >= st.request.num_prompt_tokens:
+            # The step that completes the prompt: its partial last block holds exactly the prompt's tail.
+            st.tail_saved = True
+            tail, at = self._tail(st.request), st.request.num_prompt_tokens // self.block_size
+            if tail is not None and at < len(st.block_ids):
+                keys.append(tail)
+                ids.append(st.block_ids[at])
+        if keys:
+            meta.saves.append(SaveSpec(keys, ids))
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict | None]:
         st = self.reqs.pop(request.request_id, None)
