@@ -15,10 +15,11 @@ from beluga.cxlpool.layout import KVFormat
 
 CRYPTO_HASHES = ("sha256", "sha256_cbor")
 
-# The KV block size Beluga runs vLLM's CPU engines with (vLLM's CPU default is 128). Whoever serves a
-# prompt from any cache recomputes its last partial block; at 32 tokens (the smallest block vLLM's fast CPU
-# attention takes) that tail is 4x shorter: a 2,000-token hit measured 0.17 s TTFT against 0.45 s, with
-# the same prefill and decode speed. GPU engines keep vLLM's default (16).
+# The KV block size Beluga runs vLLM's CPU engines with (vLLM's CPU default is 128). A cache of full blocks
+# (vLLM's own prefix cache) makes its reader recompute the prompt's last partial block; at 32 tokens (the
+# smallest block vLLM's fast CPU attention takes) that tail is 4x shorter: a 2,000-token hit measured
+# 0.17 s TTFT against 0.45 s, with the same prefill and decode speed. (The pool also keeps prompt tails:
+# see `connector.tail_key`.) GPU engines keep vLLM's default (16).
 CPU_BLOCK_TOKENS = 32
 
 
