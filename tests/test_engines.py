@@ -105,8 +105,10 @@ def test_engine_b_serves_what_engine_a_computed(fleet):
     saved = metric(a_metrics, "beluga_connector_saved_blocks")
     assert saved >= usage_a["prompt_tokens"] // BLOCK - 1
 
+    hit_before = metric(b_metrics, "beluga_connector_hit_tokens")
     ttft_b, text_b, usage_b = complete(b.settings.url, prompt)
     cached = usage_b["prompt_tokens_details"]["cached_tokens"]
+    assert metric(b_metrics, "beluga_connector_hit_tokens") - hit_before == cached
     assert text_b == text_a, "engine B's greedy output differs from engine A's"
     assert usage_a["prompt_tokens"] % BLOCK, "pick a prompt that ends in a partial block"
     assert cached == usage_a["prompt_tokens"] - 1  # all but the last token: full blocks and the partial tail

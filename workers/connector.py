@@ -124,6 +124,7 @@ class LoadSpec:
     slots: list[int]
     gens: list[int]
     block_ids: list[int]
+    tokens: int = 0  # prompt tokens these blocks give the engine (the last block may be a partial tail)
 
 
 @dataclass
@@ -283,6 +284,7 @@ class BelugaConnector(KVConnectorBase_V1):
         n = -(-num_external_tokens // self.block_size)  # the last one may be the prompt's partial block
         st.plan.block_ids = list(ids[st.start_block: st.start_block + n])
         st.plan.slots, st.plan.gens = st.plan.slots[:n], st.plan.gens[:n]
+        st.plan.tokens = num_external_tokens
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
         meta = BelugaMetadata(counts=self._pending)
@@ -393,7 +395,7 @@ class BelugaConnector(KVConnectorBase_V1):
             n = first
         METRICS["loaded_blocks"].inc(n)
         METRICS["loaded_bytes"].inc(n * self.fmt.block_bytes)
-        METRICS["hit_tokens"].inc(n * self.block_size)
+        METRICS["hit_tokens"].inc(spec.tokens if n == len(spec.block_ids) else n * self.block_size)
 
     def _fail_blocks(self, spec: LoadSpec, first: int, err: Exception) -> None:
         """Tell vLLM to recompute these blocks (and, the chain being causal, all after them)."""
