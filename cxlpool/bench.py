@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -34,15 +35,36 @@ _ports: set[int] = set()
 
 
 def free_port() -> int:
-    """A free loopback port not handed out before in this run (the kernel may offer one twice). Also used
-    by bench/ scripts and the tests, which start several servers each."""
-    while True:
+    """A free loopback port not handed out before in this run. Also used by bench/ scripts and the tests,
+    which start several servers each, seconds after choosing their ports. It lies below the kernel's
+    ephemeral range where there is room, so that no process's outgoing connection or bind-to-any-port
+    (vLLM picks its internal ports so) takes it in between; one such race failed an engine's start."""
+    low = _ephemeral_low()
+    for _ in range(200):
+        if low > 12000:
+            port = random.randrange(10000, low)
+        else:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+        if port in _ports:
+            continue
         with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port not in _ports:
-            _ports.add(port)
-            return port
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _ports.add(port)
+        return port
+    raise RuntimeError("no free loopback port found")
+
+
+def _ephemeral_low() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 class _Server:
