@@ -311,10 +311,7 @@ class _Launcher:
             if _driver is None:
                 _driver = _Driver()
             _driver.run(grid, self.params, _stream_handle(stream))
-        partials = self.partials.host[:grid]
-        if n == 1:
-            return partials.sum(dtype=np.uint64, keepdims=True)
-        return partials.reshape(n, -1).sum(axis=1, dtype=np.uint64)
+        return self.partials.host[:grid].reshape(n, -1).sum(axis=1, dtype=np.uint64)
 
 
 _launchers: dict[int, _Launcher] = {}
