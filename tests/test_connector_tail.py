@@ -16,7 +16,11 @@ from beluga.workers.connector import BelugaConnector, tail_key
 from beluga.workers.kvformat import CPU_BLOCK_TOKENS as BLOCK
 
 HASH = get_hash_fn_by_name("sha256_cbor")
-init_none_hash(HASH)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _none_hash():
+    init_none_hash(HASH)  # what an engine does at start-up: the root of every block-hash chain
 
 
 def request(tokens: list[int], salt: str | None = None, **extra) -> Request:
