@@ -3,14 +3,14 @@ and mapped into the GPU's address space), with numba-cuda.
 
 One launch moves many blocks, all layers (or a range of layers, so that loading can overlap the forward
 pass layer by layer). Each CUDA block copies one contiguous run with 16-byte loads and stores, so a warp
-moves 512 contiguous bytes per instruction; the pool is written in place over PCIe, with no bounce
-buffer. The checksum is the same as the CPU kernels' (see `kernels.cpu`): each thread sums its words and
-adds the sum to its block's total atomically.
+moves 512 contiguous bytes per instruction. The kernel either reads and writes the pool itself over PCIe
+(the direct path: the least fixed cost, best for small pieces) or packs blocks in a small device buffer
+that the copy engine moves (the staged path, `kernels.staging`: the higher PCIe rate for large copies).
+The checksum is the same as the CPU kernels' (see `kernels.cpu`), reduced per CUDA block.
 
 Under `NUMBA_ENABLE_CUDASIM=1` (CI has no GPU) the same kernels run on the CPU, addresses being host
 addresses; there the 16-byte accesses fall back to two 8-byte ones.
 """
-
 from __future__ import annotations
 
 import ctypes
@@ -23,6 +23,8 @@ if not hasattr(np, "row_stack"):  # numba-cuda 0.30.4 calls numpy.row_stack, rem
 from numba import config, cuda, types  # noqa: E402
 from numba.extending import intrinsic  # noqa: E402
 
+from beluga.kernels import staging  # noqa: E402
+from beluga.kernels.driver import Driver, SimDriver  # noqa: E402
 from beluga.kernels.layout import CacheLayout  # noqa: E402
 
 K1 = np.uint64(0x9E3779B97F4A7C15)
@@ -197,44 +199,22 @@ def split(n_runs: int, run_bytes: int) -> tuple[int, int]:
 
 
 class _Mapped:
-    """Host memory the GPU reads and writes in place (pinned, mapped); a numpy view and the device
-    address. Under the simulator: plain host memory."""
+    """Host memory the GPU reads and writes in place (pinned, mapped): a numpy view and its device
+    address `dev`; and `mirror`, the address of as many bytes of device memory, for launches that must not
+    wait on PCIe round trips (see `Launcher.enqueue`). Under the simulator: plain host memory."""
 
     def __init__(self, shape, dtype):
         if SIMULATED:
             self.host = np.zeros(shape, dtype)
             self.dev = self.host.ctypes.data
+            self._mirror = np.zeros(shape, dtype)
+            self.mirror = self._mirror.ctypes.data
         else:
             self._keep = cuda.mapped_array(shape, dtype)
             self.host = np.asarray(self._keep).view(np.ndarray)
             self.dev = int(self._keep.device_ctypes_pointer.value)
-
-
-class _Driver:
-    """The two driver calls of a launch, made through ctypes: numba's launch path converts and checks
-    every argument on each call (~100 us), more than a one-block copy takes."""
-
-    def __init__(self):
-        lib = ctypes.CDLL("libcuda.so.1")
-        self.launch = lib.cuLaunchKernel
-        u = ctypes.c_uint
-        self.launch.argtypes = [ctypes.c_void_p, u, u, u, u, u, u, u, ctypes.c_void_p, ctypes.c_void_p,
-                                ctypes.c_void_p]
-        self.sync = lib.cuStreamSynchronize
-        self.sync.argtypes = [ctypes.c_void_p]
-        kernel = next(iter(_kernel().overloads.values()))
-        handle = kernel._codelibrary.get_cufunc().handle
-        self.func = int(getattr(handle, "value", None) or int(handle))
-
-    def run(self, grid: int, params, stream: int) -> None:
-        err = self.launch(self.func, grid, 1, 1, THREADS, 1, 1, 0, stream, params, None)
-        if err == 0:
-            err = self.sync(stream)
-        if err != 0:
-            raise RuntimeError(f"CUDA error {err} in the block-copy kernel")
-
-
-_driver: _Driver | None = None
+            self._mirror = cuda.device_array(shape, dtype)
+            self.mirror = int(self._mirror.device_ctypes_pointer.value)
 
 
 def _stream_handle(stream) -> int:
@@ -249,16 +229,32 @@ def _stream_handle(stream) -> int:
     return int(getattr(h, "value", None) or int(h) or 0)
 
 
+_driver = None
+
+
+def driver():
+    """The driver calls (ctypes on a GPU, stand-ins under the simulator), made on first use."""
+    global _driver
+    if _driver is None:
+        if SIMULATED:
+            _driver = SimDriver(_kernel(), THREADS)
+        else:
+            kernel = next(iter(_kernel().overloads.values()))
+            handle = kernel._codelibrary.get_cufunc().handle
+            _driver = Driver(int(getattr(handle, "value", None) or int(handle)), THREADS)
+    return _driver
+
+
 # argument positions of _copy
 (A_META, A_LAYERS, A_RUNS, A_RUN_BYTES, A_PIECES, A_PIECE_BYTES, A_LO, A_HI, A_REQ, A_PARTIALS, A_TO_POOL,
  A_SLOT0) = range(N_ARGS)
 
 
-class _Launcher:
+class Launcher:
     """Per-layout launch state kept across calls, so that a launch is a few stores and one driver call:
     the layout's arrays live on the device; block ids, slot addresses and per-CUDA-block checksum
     partials go through mapped (zero-copy) host memory; the kernel's arguments sit in a ctypes array whose
-    constant entries are written once."""
+    constant entries are written once. Launches only queue work: the caller synchronizes."""
 
     def __init__(self, layout: CacheLayout):
         if layout.run_bytes % 16:
@@ -275,66 +271,144 @@ class _Launcher:
         self.params = (ctypes.c_void_p * N_ARGS)(*[ctypes.addressof(self.args) + 8 * k for k in range(N_ARGS)])
         self.args[A_META], self.args[A_LAYERS] = meta_addr, layout.layers
         self.args[A_RUNS], self.args[A_RUN_BYTES] = layout.runs.shape[1], layout.run_bytes
+        self.layers = layout.layers
+        self.layer_bytes = layout.runs.shape[1] * layout.run_bytes
         self.req = self.partials = None
-        self._split: dict[int, tuple[int, int]] = {}  # runs in a launch -> (pieces per run, bytes per piece)
-        self._grow(64, TARGET_JOBS * 4)
+        self._plans: dict[tuple[int, int, int], tuple[int, int, int]] = {}
+        self.staging = None  # kernels.staging.Staging, made on the first copy that goes through it
+        self.driver = driver()
+        self.reserve(64, TARGET_JOBS * 4)
 
-    def _grow(self, n: int, jobs: int) -> None:
+    def span(self, lo: int, hi: int) -> tuple[int, int]:
+        """(offset, bytes) of layers [lo, hi) within a pool block."""
+        return lo * self.layer_bytes, (hi - lo) * self.layer_bytes
+
+    def plan(self, n: int, lo: int, hi: int, whole_runs: bool = False) -> tuple[int, int, int]:
+        """(CUDA blocks, pieces per run, bytes per piece) of a launch of n blocks over layers [lo, hi).
+        `whole_runs`: one CUDA block a run (device-to-device copies need no spreading over the SMs, and
+        every block then has the same number of checksum partials)."""
+        key = (n, lo, hi, whole_runs)
+        p = self._plans.get(key)
+        if p is None:
+            if len(self._plans) > 4096:
+                self._plans.clear()
+            runs = n * (hi - lo) * self.layout.runs.shape[1]
+            pieces, piece_bytes = (1, self.layout.run_bytes) if whole_runs else split(runs, self.layout.run_bytes)
+            p = self._plans[key] = (runs * pieces, pieces, piece_bytes)
+        return p
+
+    def reserve(self, n: int, jobs: int) -> None:
+        """Room for n (block id, address) rows and `jobs` checksum partials."""
         if self.req is None or n > self.req.host.shape[0]:
             self.req = _Mapped((max(n, 2 * (self.req.host.shape[0] if self.req else 0)), 2), np.int64)
         if self.partials is None or jobs > self.partials.host.shape[0]:
             self.partials = _Mapped(max(jobs, 2 * (self.partials.host.shape[0] if self.partials else 0)), np.uint64)
-            self.args[A_PARTIALS] = self.partials.dev
 
-    def run(self, block_ids, slot_addrs, to_pool: bool, layers, stream) -> np.ndarray:
-        global _driver
-        lay = self.layout
-        lo, hi = layers if layers is not None else (0, lay.layers)
+    def rows(self, block_ids, addrs) -> None:
         n = len(block_ids)
-        if n == 0:
-            return np.zeros(0, np.uint64)
-        runs = n * (hi - lo) * lay.runs.shape[1]
-        pieces, piece_bytes = self._split.get(runs) or self._split.setdefault(runs, split(runs, lay.run_bytes))
-        grid = runs * pieces
-        self._grow(n, grid)
+        self.req.host[:n, 0] = block_ids
+        self.req.host[:n, 1] = addrs
+
+    def enqueue(self, row0: int, n: int, lo: int, hi: int, to_pool: bool, stream: int, job0: int,
+                single: tuple[int, int] | None = None, mirrored: bool = False) -> int:
+        """Queue the copy of rows [row0, row0 + n) on `stream` (or of the one block `single` = (block id,
+        address), passed in the launch itself); partials go to [job0, job0 + grid). Returns the grid.
+
+        `mirrored`: rows and partials in device memory (`upload_rows` before, `download_sums` after). Each
+        CUDA block reads its row once, and from mapped host memory that read is a PCIe round trip; the
+        staged path needs this, since there the copy engine fills the link and round trips crawl; it also
+        copies whole runs (see `plan`)."""
+        grid, pieces, piece_bytes = self.plan(n, lo, hi, mirrored)
         a = self.args
+        if single is None:
+            a[A_REQ] = (self.req.mirror if mirrored else self.req.dev) + 16 * row0
+            a[A_SLOT0] = 0
+        else:
+            a[A_REQ], a[A_SLOT0] = single
+        a[A_PIECES] = pieces
+        a[A_PIECE_BYTES] = piece_bytes
+        a[A_LO] = lo
+        a[A_HI] = hi
+        a[A_TO_POOL] = to_pool
+        a[A_PARTIALS] = (self.partials.mirror if mirrored else self.partials.dev) + 8 * job0
+        self.driver.launch(grid, a, self.params, stream)
+        return grid
+
+    def upload_rows(self, n: int, stream: int) -> None:
+        self.driver.copy(self.req.mirror, self.req.dev, 16 * n, stream)
+
+    def download_sums(self, jobs: int, stream: int) -> None:
+        self.driver.copy(self.partials.dev, self.partials.mirror, 8 * jobs, stream)
+
+    def sums(self, job0: int, n: int, grid: int) -> np.ndarray:
+        """Per-block checksums of a finished launch."""
+        part = self.partials.host[job0:job0 + grid]
         if n == 1:
-            a[A_REQ], a[A_SLOT0] = int(block_ids[0]), int(slot_addrs[0])
-        else:
-            self.req.host[:n, 0] = block_ids
-            self.req.host[:n, 1] = slot_addrs
-            a[A_REQ], a[A_SLOT0] = self.req.dev, 0
-        a[A_PIECES], a[A_PIECE_BYTES], a[A_LO], a[A_HI], a[A_TO_POOL] = pieces, piece_bytes, lo, hi, to_pool
-        if SIMULATED:
-            _kernel()[grid, THREADS](*a)
-        else:
-            if _driver is None:
-                _driver = _Driver()
-            _driver.run(grid, self.params, _stream_handle(stream))
-        return self.partials.host[:grid].reshape(n, -1).sum(axis=1, dtype=np.uint64)
+            return np.add.reduce(part, dtype=np.uint64, keepdims=True)
+        return np.add.reduce(part.reshape(n, -1), axis=1, dtype=np.uint64)
 
 
-_launchers: dict[int, _Launcher] = {}
+def direct(launcher: Launcher, block_ids, addrs, to_pool: bool, lo: int, hi: int, stream: int) -> np.ndarray:
+    """One launch: the kernel reads or writes the pool itself, over PCIe. A one-block copy (the common case
+    when loading layer by layer, and what a short prompt's tail costs) passes its block in the launch."""
+    n = len(block_ids)
+    grid = launcher.plan(n, lo, hi)[0]
+    launcher.reserve(n, grid)
+    if n == 1:
+        launcher.enqueue(0, 1, lo, hi, to_pool, stream, 0, (int(block_ids[0]), int(addrs[0])))
+    else:
+        launcher.rows(block_ids, addrs)
+        launcher.enqueue(0, n, lo, hi, to_pool, stream, 0)
+    launcher.driver.sync(stream)
+    return launcher.sums(0, n, grid)
 
 
-def _launch(layout: CacheLayout, block_ids, slot_addrs, to_pool: bool, layers=None, stream=0) -> np.ndarray:
-    key = id(layout)
-    if key not in _launchers or _launchers[key].layout is not layout:
-        _launchers[key] = _Launcher(layout)
-    return _launchers[key].run(block_ids, slot_addrs, to_pool, layers, stream)
+_launchers: dict[int, Launcher] = {}
+MAX_LAYOUTS = 8
+PATHS = ("auto", "direct", "staged")
 
 
-def gather(layout: CacheLayout, block_ids, slot_addrs, layers=None, stream=0) -> np.ndarray:
+def _launcher(layout: CacheLayout) -> Launcher:
+    while len(_launchers) >= MAX_LAYOUTS:  # a layout's launcher holds device memory: keep the recent ones
+        del _launchers[next(iter(_launchers))]
+    launcher = _launchers[id(layout)] = Launcher(layout)
+    return launcher
+
+
+def _launch(layout: CacheLayout, block_ids, slot_addrs, to_pool: bool, layers, stream, path: str) -> np.ndarray:
+    launcher = _launchers.get(id(layout))
+    if launcher is None or launcher.layout is not layout:
+        launcher = _launcher(layout)
+    if layers is None:
+        lo, hi = 0, launcher.layers
+    else:
+        lo, hi = layers
+        if not 0 <= lo < hi <= launcher.layers:
+            raise ValueError(f"layers {lo}..{hi} outside the cache's 0..{launcher.layers}")
+    n = len(block_ids)
+    if n == 0:
+        return np.zeros(0, np.uint64)
+    if path == "auto":
+        path = "staged" if staging.worth_it(n, launcher.span(lo, hi)[1]) else "direct"
+    elif path not in PATHS:
+        raise ValueError(f"path must be one of {PATHS}, not {path!r}")
+    run = direct if path == "direct" else staging.staged
+    return run(launcher, block_ids, slot_addrs, to_pool, lo, hi, _stream_handle(stream))
+
+
+def gather(layout: CacheLayout, block_ids, slot_addrs, layers=None, stream=0, path="auto") -> np.ndarray:
     """GPU cache -> pool slots (device addresses of the mapped pool). Returns per-block partial checksums
     (over the layers copied; add the partials of all layer ranges for a whole block). `stream`: a CUDA
     stream (handle, numba or torch stream; torch's current one in the connector); returns once the copy
-    on it is done."""
-    return _launch(layout, block_ids, slot_addrs, True, layers, stream)
+    on it is done. `path`: "direct" (the kernel writes the pool over PCIe), "staged" (the kernel packs
+    blocks in device memory, the copy engine moves them; see `kernels.staging`), or "auto" (staged where
+    `staging.worth_it`)."""
+    return _launch(layout, block_ids, slot_addrs, True, layers, stream, path)
 
 
-def scatter(layout: CacheLayout, block_ids, slot_addrs, layers=None, stream=0) -> np.ndarray:
+def scatter(layout: CacheLayout, block_ids, slot_addrs, layers=None, stream=0, path="auto") -> np.ndarray:
     """Pool slots -> GPU cache; returns the checksums of what was read."""
-    return _launch(layout, block_ids, slot_addrs, False, layers, stream)
+    return _launch(layout, block_ids, slot_addrs, False, layers, stream, path)
 
 
 class Registration:

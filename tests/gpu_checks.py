@@ -27,6 +27,10 @@ from beluga.cxlpool.settings import PoolSettings
 from beluga.kernels import cpu as cpu_kernels
 from beluga.kernels import cuda as cuda_kernels
 from beluga.kernels import layout as cache_layout
+from beluga.kernels import staging
+
+if cuda_kernels.SIMULATED:
+    staging.HALF = 1  # one block a half: every staged copy of several blocks cycles through both halves
 
 SIM = cuda_kernels.SIMULATED
 DEVICE = "cpu" if SIM else "cuda"
@@ -64,33 +68,35 @@ def block_bytes_ref(caches, layout, b) -> np.ndarray:
     return np.concatenate(parts)
 
 
-def check_kernels(name, geo, layout, n_blocks, pool_mem, pool_dev_base):
+def check_kernels(name, geo, layout, n_blocks, pool_mem, pool_dev_base, path):
     layers, heads, dim, dtype, tokens = geo
     caches = make_caches(layers, heads, dim, dtype, tokens, n_blocks + 3, layout)
     lay = cache_layout.from_tensors(caches, n_blocks + 3)
     ids = np.array([(i * 5 + 2) % (n_blocks + 3) for i in range(n_blocks)], np.int64)
     bb = lay.block_bytes
-    slot_host = [pool_mem[i * bb:(i + 1) * bb] for i in range(n_blocks)]
-    addrs = np.array([pool_dev_base + i * bb for i in range(n_blocks)], np.int64)
+    slots = np.arange(n_blocks)
+    slots[n_blocks // 2:] = slots[n_blocks // 2:][::-1]  # a run of adjacent slots, then slots out of order
+    slot_host = [pool_mem[s * bb:(s + 1) * bb] for s in slots]
+    addrs = np.array([pool_dev_base + s * bb for s in slots], np.int64)
     pool_mem[:n_blocks * bb] = 0
-    sums = cuda_kernels.gather(lay, ids, addrs)
+    sums = cuda_kernels.gather(lay, ids, addrs, path=path)
     for i, b in enumerate(ids):
         ref = block_bytes_ref(caches, layout, int(b))
-        assert (slot_host[i] == ref).all(), f"{name}/{layout}: gathered block {i} differs"
+        assert (slot_host[i] == ref).all(), f"{name}/{layout}/{path}: gathered block {i} differs"
         assert int(sums[i]) == int(cpu_kernels.checksum(slot_host[i].ctypes.data, bb)), "checksum differs"
     # Per-layer variant: the partial sums of two layer ranges add up to the whole block's.
     half = layers // 2
-    parts = sum(cuda_kernels.gather(lay, ids[:2], addrs[:2], r) for r in ((0, half), (half, layers)))
+    parts = sum(cuda_kernels.gather(lay, ids[:2], addrs[:2], r, path=path) for r in ((0, half), (half, layers)))
     assert (parts == sums[:2]).all()
     dst = make_caches(layers, heads, dim, dtype, tokens, n_blocks + 3, layout, fill=False)
     dlay = cache_layout.from_tensors(dst, n_blocks + 3)
-    back = cuda_kernels.scatter(dlay, ids, addrs)
-    assert (back == sums).all()
+    back = cuda_kernels.scatter(dlay, ids, addrs, path=path)
+    assert (back == sums).all(), f"{name}/{layout}/{path}: checksums of the scatter differ"
     for t_src, t_dst in zip(caches, dst, strict=True):
         sel = torch.as_tensor(ids, device=DEVICE)
         a = t_src[:, sel] if layout == "flash" else t_src[sel]
         b = t_dst[:, sel] if layout == "flash" else t_dst[sel]
-        assert torch.equal(a, b), f"{name}/{layout}: scattered blocks differ"
+        assert torch.equal(a, b), f"{name}/{layout}/{path}: scattered blocks differ"
     return bb
 
 
@@ -153,12 +159,16 @@ def main() -> int:
     try:
         reg = cuda_kernels.Registration(region.base, region.size)
         dev_base = reg.device_addr(region.base)
+        print(f"pool registered: device address = host address + {reg.offset:#x}", flush=True)
         for name, geo in GEOMETRIES.items():
             if SIM:
                 geo = (2, *geo[1:])
             for layout in LAYOUTS:
                 for n in counts:
-                    check_kernels(name, geo, layout, n, region.mem, dev_base)
+                    # the simulator is slow: there the staged path (layout-blind) runs on one layout
+                    both = not SIM or (layout == "flash" and n == big)
+                    for copy_path in ("direct", "staged") if both else ("direct",):
+                        check_kernels(name, geo, layout, n, region.mem, dev_base, copy_path)
                 print(f"ok {name} {layout} ({'simulated' if SIM else torch.cuda.get_device_name()})", flush=True)
         reg.close()
     finally:

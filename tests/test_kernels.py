@@ -12,7 +12,7 @@ import pytest
 import torch
 from gpu_checks import GEOMETRIES, block_bytes_ref
 
-from beluga.kernels import cpu, layout
+from beluga.kernels import cpu, layout, staging
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -66,8 +66,33 @@ def test_layouts_that_cannot_be_described_are_refused():
         layout.from_tensors([torch.zeros(4, 3, 16), torch.zeros(4, 3, 8)], 4)
 
 
+@pytest.mark.timeout(480)
 def test_cuda_kernels_in_the_simulator():
     env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
-    r = subprocess.run([sys.executable, "tests/gpu_checks.py"], env=env, capture_output=True, text=True, timeout=280)
+    r = subprocess.run([sys.executable, "tests/gpu_checks.py"], env=env, capture_output=True, text=True, timeout=450)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     assert "all checks passed" in r.stdout and r.stdout.count("ok ") == 10
+
+
+@pytest.mark.parametrize("n,per", [(1, 1), (3, 1), (5, 43), (16, 15), (100, 8), (256, 15), (256, 43), (300, 43)])
+def test_staged_chunks_cover_the_batch_and_fit_a_half(n, per):
+    chunks = staging._chunks(n, per)
+    assert chunks[0][0] == 0 and chunks[-1][1] == n
+    assert all(a < b <= a + per for a, b in chunks)
+    assert all(chunks[i][1] == chunks[i + 1][0] for i in range(len(chunks) - 1))
+    if n >= 4 * per >= 32:  # large batches start and end small (the parts that cannot overlap)
+        sizes = [b - a for a, b in chunks]
+        assert sizes[0] == per // 8 and sizes[-1] == per // 8 and max(sizes) == per
+
+
+def test_staged_copies_merge_adjacent_slots_only():
+    span = 100
+    pool = np.array([0, 100, 200, 500, 400, 600, 700], np.int64)
+    assert list(staging._copies(pool, 0, 7, span)) == [(0, 3), (3, 1), (4, 1), (5, 2)]
+    assert list(staging._copies(pool, 1, 4, span)) == [(1, 2), (3, 1)]
+
+
+def test_auto_stages_only_large_batches_of_large_spans():
+    assert staging.worth_it(256, 2 << 20)  # 256 Llama blocks
+    assert not staging.worth_it(16, 2 << 20)  # 32 MB: the direct kernel's lower fixed cost wins
+    assert not staging.worth_it(4096, 64 << 10)  # one layer at a time: pieces too small for the copy engine
