@@ -106,16 +106,23 @@ def gpu_bench(counts=(1, 16, 256), repeat: int = 10) -> dict:
                         ts.append(a.elapsed_time(b) * 1e-3)
                     return float(np.median(ts))
 
-                def wall_time(fn, repeat=repeat):
+                def wall_time(fn, repeat=repeat, done=torch.cuda.synchronize):
+                    """Median wall time of fn then `done`; pass done=None for a call that returns only once
+                    its work is complete (ours), which a second synchronize would only slow down."""
                     fn()
                     ts = []
                     for _ in range(repeat):
                         torch.cuda.synchronize()
                         t = time.perf_counter()
                         fn()
-                        torch.cuda.synchronize()
+                        if done is not None:
+                            done()
                         ts.append(time.perf_counter() - t)
                     return float(np.median(ts))
+
+                def ceiling(fn):
+                    """The reference copy, completed by a device or a stream synchronize, whichever is faster."""
+                    return min(wall_time(fn, reps), wall_time(fn, reps, torch.cuda.current_stream().synchronize))
 
                 dev_buf = torch.empty(nbytes, dtype=torch.uint8, device=dev)
                 host = torch.frombuffer(region.mem[:nbytes], dtype=torch.uint8)  # registered: pinned
@@ -123,11 +130,15 @@ def gpu_bench(counts=(1, 16, 256), repeat: int = 10) -> dict:
                 # Time to completion on both sides: our calls return once the bytes are in place (they hand
                 # back checksums), so the reference is timed the same way, copy plus synchronize. CUDA events
                 # would time the reference's GPU work alone but ours with the host round trip in it.
-                t_ceil_d2h = wall_time(lambda: host.copy_(dev_buf, non_blocking=True), reps)
-                t_ceil_h2d = wall_time(lambda: dev_buf.copy_(host, non_blocking=True), reps)
+                t_ceil_d2h = ceiling(lambda: host.copy_(dev_buf, non_blocking=True))
+                t_ceil_h2d = ceiling(lambda: dev_buf.copy_(host, non_blocking=True))
                 t_ceil_events = cuda_time(lambda: host.copy_(dev_buf, non_blocking=True))
-                t_gather = wall_time(lambda: ck.gather(lay, ids, addrs), reps)
-                t_scatter = wall_time(lambda: ck.scatter(lay, ids, addrs), reps)
+                t_gather = wall_time(lambda: ck.gather(lay, ids, addrs), reps, None)
+                t_scatter = wall_time(lambda: ck.scatter(lay, ids, addrs), reps, None)
+                for p in ("direct", "staged"):  # both of the kernels' paths, beside what "auto" picks
+                    row[f"gather_{p}_us"] = wall_time(lambda p=p: ck.gather(lay, ids, addrs, path=p), reps, None) * 1e6
+                    row[f"scatter_{p}_us"] = wall_time(lambda p=p: ck.scatter(lay, ids, addrs, path=p), reps,
+                                                       None) * 1e6
                 flat = host.view(n, layers, 2, -1)
 
                 def per_block():
@@ -229,6 +240,12 @@ def table(res: dict) -> str:
                      f"{r['per_block_GBps']:.2f} | {r['index_select_GBps']:.1f} | {r['ceiling_us']:.0f} | "
                      f"{r['gather_us']:.0f} | {r['scatter_us']:.0f} | {r['gather_vs_ceiling']:.2f} | "
                      f"{r['scatter_vs_ceiling']:.2f} | {r['gather_vs_per_block']:.0f}x |")
+    lines += ["", "| geometry | blocks | ceiling us (D2H / H2D) | gather us (direct / staged) | "
+              "scatter us (direct / staged) |", "|---|---|---|---|---|"]
+    for r in res["rows"]:
+        lines.append(f"| {r['geometry']} | {r['blocks']} | {r['ceiling_us']:.0f} / {r['ceiling_h2d_us']:.0f} | "
+                     f"{r['gather_direct_us']:.0f} / {r['gather_staged_us']:.0f} | "
+                     f"{r['scatter_direct_us']:.0f} / {r['scatter_staged_us']:.0f} |")
     return "\n".join(lines)
 
 
