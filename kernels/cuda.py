@@ -275,7 +275,8 @@ class Launcher:
         self.layer_bytes = layout.runs.shape[1] * layout.run_bytes
         self.req = self.partials = None
         self._plans: dict[tuple[int, int, int], tuple[int, int, int]] = {}
-        self.staging = None  # kernels.staging.Staging, made on the first copy that goes through it
+        self.staging = None  # kernels.staging.Staging, made on the first copy that goes through it ...
+        self.staging_error: str | None = None  # ... unless the device had no memory for it
         self.driver = driver()
         self.reserve(64, TARGET_JOBS * 4)
 
@@ -389,7 +390,8 @@ def _launch(layout: CacheLayout, block_ids, slot_addrs, to_pool: bool, layers, s
     if n == 0:
         return np.zeros(0, np.uint64)
     if path == "auto":
-        path = "staged" if staging.worth_it(n, launcher.span(lo, hi)[1]) else "direct"
+        worth_it = staging.worth_it(n, launcher.span(lo, hi)[1])
+        path = "staged" if worth_it and staging.buffer(launcher) is not None else "direct"
     elif path not in PATHS:
         raise ValueError(f"path must be one of {PATHS}, not {path!r}")
     run = direct if path == "direct" else staging.staged

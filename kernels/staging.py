@@ -17,7 +17,11 @@ checksums are the kernel's, taken in device memory, so both paths return the sam
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 HALF = 32 << 20  # bytes in each half of the device buffer (at least one block's span)
 MIN_SPAN = 256 << 10  # smaller pieces cost the copy engine more per byte than the direct path
@@ -56,6 +60,21 @@ class Staging:
         return p
 
 
+def buffer(launcher) -> Staging | None:
+    """The layout's device buffer, made on first use (two halves of `HALF` bytes, or of one block if that
+    is more). None if the device has no memory for it: logged once, and "auto" then keeps to the direct
+    path rather than failing the engine's copies."""
+    if launcher.staging is None and launcher.staging_error is None:
+        half = max(HALF, launcher.span(0, launcher.layers)[1])
+        try:
+            launcher.staging = Staging(launcher.driver, half)
+        except Exception as e:  # noqa: BLE001 -- numba's CUDA errors, out of memory above all
+            launcher.staging_error = str(e)
+            log.warning("no device memory for the %.1f MB copy buffer (%s): large copies take the direct "
+                        "path (up to ~5 %% slower)", 2 * half / 1e6, e)
+    return launcher.staging
+
+
 def _chunks(n: int, per: int) -> list[tuple[int, int]]:
     """[first, end) blocks of each chunk: at most `per` blocks, the first and last chunks smaller (doubling
     from an eighth of a half), so that the one copy that cannot overlap -- the kernel before the first
@@ -84,9 +103,9 @@ def staged(launcher, block_ids, slot_addrs, to_pool: bool, lo: int, hi: int, str
     so everything not needed for it is done after it is queued."""
     drv = launcher.driver
     off, span = launcher.span(lo, hi)
-    if launcher.staging is None or launcher.staging.half < span:
-        launcher.staging = Staging(drv, max(HALF, launcher.span(0, launcher.layers)[1]))
-    st = launcher.staging
+    st = buffer(launcher)
+    if st is None:
+        raise RuntimeError(f"the staged path has no device buffer: {launcher.staging_error}")
     n = len(block_ids)
     chunks, at = st.plan(n, span)
     side = st.side if len(chunks) > 1 else stream

@@ -100,6 +100,41 @@ def check_kernels(name, geo, layout, n_blocks, pool_mem, pool_dev_base, path):
     return bb
 
 
+def check_staging_fallback(pool_mem, pool_dev_base):
+    """No device memory for the copy buffer (planted): "auto" keeps to the direct path, byte-exact, and an
+    explicit "staged" says why it cannot."""
+    layers, heads, dim, dtype, tokens = GEOMETRIES["llama-3.1-8b"]
+    if SIM:
+        layers = 2
+    caches = make_caches(layers, heads, dim, dtype, tokens, 6, "flash")
+    lay = cache_layout.from_tensors(caches, 6)
+    bb = lay.block_bytes
+    ids = np.array([4, 1, 5], np.int64)
+    addrs = pool_dev_base + np.arange(3, dtype=np.int64) * bb
+    drv = cuda_kernels.driver()
+    limits = staging.MIN_SPAN, staging.MIN_BYTES
+
+    def no_memory(nbytes):
+        raise MemoryError(f"out of memory for {nbytes} bytes (planted)")
+
+    drv.alloc, staging.MIN_SPAN, staging.MIN_BYTES = no_memory, 0, 0  # "auto" would stage this batch
+    try:
+        pool_mem[:3 * bb] = 0
+        sums = cuda_kernels.gather(lay, ids, addrs)
+        for i, b in enumerate(ids):
+            assert (pool_mem[i * bb:(i + 1) * bb] == block_bytes_ref(caches, "flash", int(b))).all()
+            assert int(sums[i]) == int(cpu_kernels.checksum(pool_mem[i * bb:].ctypes.data, bb))
+        try:
+            cuda_kernels.scatter(lay, ids, addrs, path="staged")
+        except RuntimeError as e:
+            assert "planted" in str(e), e
+        else:
+            raise AssertionError("a staged copy without its buffer did not fail")
+    finally:
+        del drv.alloc
+        staging.MIN_SPAN, staging.MIN_BYTES = limits
+
+
 def check_connector_datapath():
     """The connector's GPU path on FlashAttention-shaped caches: register, gather, commit, lookup, scatter."""
     layers, heads, dim, dtype, tokens = GEOMETRIES["llama-3.1-8b"]
@@ -170,6 +205,7 @@ def main() -> int:
                     for copy_path in ("direct", "staged") if both else ("direct",):
                         check_kernels(name, geo, layout, n, region.mem, dev_base, copy_path)
                 print(f"ok {name} {layout} ({'simulated' if SIM else torch.cuda.get_device_name()})", flush=True)
+        check_staging_fallback(region.mem, dev_base)
         reg.close()
     finally:
         region.close()
