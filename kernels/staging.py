@@ -93,7 +93,7 @@ def _copies(pool: np.ndarray, c0: int, c1: int, span: int):
     """(first block, count) of each run of blocks in [c0, c1) whose pool spans follow each other in
     memory: one copy each."""
     breaks = (np.flatnonzero(np.diff(pool[c0:c1]) != span) + (c0 + 1)).tolist()
-    return zip([c0, *breaks], [b - a for a, b in zip([c0, *breaks], [*breaks, c1], strict=True)], strict=True)
+    return [(a, b - a) for a, b in zip([c0, *breaks], [*breaks, c1], strict=True)]
 
 
 def staged(launcher, block_ids, slot_addrs, to_pool: bool, lo: int, hi: int, stream: int) -> np.ndarray:
