@@ -84,33 +84,48 @@ def _pool_settings(path, **kw):
         _fail(f"bad pool settings: {e}")
 
 
-def _format_for(model_dir: str | None, block_tokens: int, dtype: str, layout: str, hash_seed: str):
+def _format_for(model_dir: str | None, block_tokens: int, dtype: str, layout: str, hash_seed: str,
+                tp_size: int = 1, pp_size: int = 1):
     from beluga import model
     from beluga.workers.kvformat import from_model_dir
 
     try:
         return from_model_dir(model_dir or model.path_or_raise(), block_tokens, dtype, layout,
-                              hash_seed=hash_seed)
+                              hash_seed=hash_seed, tp_size=tp_size, pp_size=pp_size)
     except (OSError, KeyError, RuntimeError, ValueError) as e:
         _fail(f"cannot derive the KV format: {e}")
+
+
+CoherenceOpt = Annotated[str | None, typer.Option(help="coherent (one host), native (CXL shared by hosts), "
+                                                   "simulated (tests); at serve: must match the pool's")]
+TransportsOpt = Annotated[str | None, typer.Option(help="what the server serves: shm,tcp (default) or tcp "
+                                                   "(hosts whose RPC area is not coherent)")]
+TokenOpt = Annotated[str | None, typer.Option(help="the pool token file (TCP); default: beside the pool")]
+ParallelOpt = Annotated[int, typer.Option(min=1, help="the engines' tensor- / pipeline-parallel size")]
 
 
 @pool_app.command("create")
 def pool_create(path: PathOpt = None, size: Annotated[str, typer.Option(help="bytes, or 512M, 4G")] = "1G",
                 model_dir: Annotated[str | None, typer.Option(help="HF model folder (default: bundled)")] = None,
                 block_tokens: int = CPU_BLOCK_TOKENS, dtype: str = "float32", layout: str = "cpu",
-                hash_seed: str = "0", clients: int = 64, group_access: bool = False, as_json: JsonOpt = False):
-    """Create and format a pool for a model's KV format (erases what the pool held)."""
+                hash_seed: str = "0", clients: int = 64, group_access: bool = False,
+                coherence: CoherenceOpt = None, transports: TransportsOpt = None, token_file: TokenOpt = None,
+                tp_size: ParallelOpt = 1, pp_size: ParallelOpt = 1, as_json: JsonOpt = False):
+    """Create and format a pool for a model's KV format, and its token (a pool is created once)."""
     from beluga.cxlpool import pool as pool_mod
 
-    s = _pool_settings(path, size=parse_size(size), clients=clients, group_access=group_access)
-    fmt = _format_for(model_dir, block_tokens, dtype, layout, hash_seed)
+    s = _pool_settings(path, size=parse_size(size), clients=clients, group_access=group_access,
+                       coherence=coherence, transports=transports and [transports], token_file=token_file)
+    fmt = _format_for(model_dir, block_tokens, dtype, layout, hash_seed, tp_size, pp_size)
     try:
         p = pool_mod.create(s, fmt)
     except Exception as e:  # noqa: BLE001 - shown to the user as is
         _fail(str(e))
-    info = {"path": s.path, "slots": p.geo.n_slots, "slot_bytes": p.geo.slot_bytes, "format": fmt.describe()}
-    print(json.dumps(info) if as_json else f"created {s.path}: {p.geo.n_slots} slots of {p.geo.slot_bytes} B")
+    info = {"path": s.path, "slots": p.geo.n_slots, "slot_bytes": p.geo.slot_bytes, "format": fmt.describe(),
+            "coherence": p.svc.coherence, "transports": list(p.svc.transports),
+            "token_file": s.token_path() if "tcp" in p.svc.transports else None}
+    print(json.dumps(info) if as_json else f"created {s.path}: {p.geo.n_slots} slots of {p.geo.slot_bytes} B, "
+          f"{p.svc.coherence}, serving {'+'.join(p.svc.transports)}")
 
 
 @pool_app.command("status")
@@ -125,7 +140,8 @@ def pool_status(path: PathOpt = None, admin_port: int = 7700, as_json: JsonOpt =
         p = pool_mod.attach(s)
     except Exception as e:  # noqa: BLE001
         _fail(str(e))
-    info = {"path": s.path, "slots": p.geo.n_slots, "slot_bytes": p.geo.slot_bytes, "format": p.fmt.describe()}
+    info = {"path": s.path, "slots": p.geo.n_slots, "slot_bytes": p.geo.slot_bytes, "format": p.fmt.describe(),
+            "coherence": p.svc.coherence, "transports": list(p.svc.transports)}
     try:
         info["server"] = httpx.get(f"http://{s.admin_host}:{s.admin_port}/stats", timeout=2).json()
     except httpx.HTTPError:
@@ -137,15 +153,20 @@ def pool_status(path: PathOpt = None, admin_port: int = 7700, as_json: JsonOpt =
 def pool_serve(path: PathOpt = None, size: str = "1G", create: Annotated[bool, typer.Option(
                help="create the pool for the bundled model (or --model-dir) if it does not exist")] = True,
                model_dir: str | None = None, block_tokens: int = CPU_BLOCK_TOKENS, dtype: str = "float32",
-               layout: str = "cpu", hash_seed: str = "0", coherence: str = "coherent", eviction: str = "s3fifo",
-               tcp_port: int = 7701, admin_port: int = 7700, spin_us: int = 200,
+               layout: str = "cpu", hash_seed: str = "0", coherence: CoherenceOpt = None,
+               transports: TransportsOpt = None, token_file: TokenOpt = None, tp_size: ParallelOpt = 1,
+               pp_size: ParallelOpt = 1, eviction: str = "s3fifo", tcp_host: str | None = None,
+               tcp_port: int = 7701, admin_host: str | None = None, admin_port: int = 7700, spin_us: int = 200,
+               heartbeat_timeout_s: float | None = None,
                as_json: Annotated[bool, typer.Option("--json", help="print the endpoints as JSON")] = False):
     """Run the metadata server (shared-memory RPC, TCP, admin HTTP) until Ctrl-C."""
-    from beluga.cxlpool import service
+    from beluga.cxlpool.server import service
 
-    s = _pool_settings(path, size=parse_size(size), coherence=coherence, eviction=eviction, tcp_port=tcp_port,
-                       admin_port=admin_port, spin_us=spin_us)
-    fmt = _format_for(model_dir, block_tokens, dtype, layout, hash_seed) if create else None
+    s = _pool_settings(path, size=parse_size(size), coherence=coherence, transports=transports and [transports],
+                       token_file=token_file, eviction=eviction, tcp_host=tcp_host, tcp_port=tcp_port,
+                       admin_host=admin_host, admin_port=admin_port, spin_us=spin_us,
+                       heartbeat_timeout_s=heartbeat_timeout_s)
+    fmt = _format_for(model_dir, block_tokens, dtype, layout, hash_seed, tp_size, pp_size) if create else None
     if as_json:
         print(json.dumps({"path": s.path, "tcp_port": tcp_port, "admin_port": admin_port}), flush=True)
     try:

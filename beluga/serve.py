@@ -10,6 +10,7 @@ import logging
 import os
 import subprocess
 import sys
+import threading
 import time
 
 import httpx
@@ -56,6 +57,7 @@ class Stack:
         self.s = s
         self.pool_proc: subprocess.Popen | None = None
         self.fleet = None
+        self._stopping = threading.Event()
 
     def start(self, status) -> None:
         from beluga import model
@@ -88,6 +90,23 @@ class Stack:
                "--model-dir", model_dir, "--block-tokens", str(s.block_size), "--admin-port", str(s.pool_admin_port),
                "--tcp-port", str(s.pool_tcp_port)]
         self.pool_proc = subprocess.Popen(cmd, stdout=open(log_path, "ab"), stderr=subprocess.STDOUT)
+        self._wait_pool(log_path)
+        threading.Thread(target=self._supervise_pool, args=(cmd, log_path), daemon=True,
+                         name="pool-supervisor").start()
+
+    def _supervise_pool(self, cmd: list[str], log_path: str) -> None:
+        """Restart the metadata server at once if it dies: it rebuilds its index from the slot headers (no
+        committed block is lost), and clients open new sessions by themselves."""
+        while not self._stopping.is_set():
+            code = self.pool_proc.wait()
+            if self._stopping.is_set():
+                return
+            log.warning("pool metadata server exited (%s); restarting it", code)
+            self.pool_proc = subprocess.Popen(cmd, stdout=open(log_path, "ab"), stderr=subprocess.STDOUT)
+            time.sleep(0.5)  # a server that cannot start at all is retried twice a second, not in a spin
+
+    def _wait_pool(self, log_path: str) -> None:
+        s = self.s
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             if self.pool_proc.poll() is not None:
@@ -100,6 +119,7 @@ class Stack:
         raise TimeoutError(f"pool server not up after 60 s; see {log_path}")
 
     def stop(self) -> None:
+        self._stopping.set()
         if self.fleet is not None:
             self.fleet.stop()
             import ray

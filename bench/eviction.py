@@ -21,7 +21,7 @@ import numpy as np
 from beluga.cxlpool import coherence
 from beluga.cxlpool import pool as pool_mod
 from beluga.cxlpool.layout import KVFormat
-from beluga.cxlpool.server import PoolIndex
+from beluga.cxlpool.server.index import PoolIndex
 from beluga.cxlpool.settings import PoolSettings
 
 FMT = KVFormat("eviction-bench", "float32", 1, 1, 8, 2, "cpu", "bench")

@@ -146,9 +146,9 @@ def rpc_and_data(quick: bool) -> dict:
     with _server_beside(s):
         n = 2000 if quick else 20000
         with PoolClient(s, BUNDLED) as c:
-            shm = _latencies(c.hello, n)
+            shm = _latencies(c.ping, n)
             tcp_client = PoolClient(s.model_copy(update={"transport": "tcp"}), BUNDLED)
-            tcp = _latencies(tcp_client.hello, n // 4)
+            tcp = _latencies(tcp_client.ping, n // 4)
             tcp_client.close()
             res.update(rpc_shm_p50_us=float(np.percentile(shm, 50)), rpc_shm_p99_us=float(np.percentile(shm, 99)),
                        rpc_tcp_p50_us=float(np.percentile(tcp, 50)), rpc_tcp_p99_us=float(np.percentile(tcp, 99)))

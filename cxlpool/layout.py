@@ -9,17 +9,20 @@ written there, and refuses a pool whose version, geometry or KV format differs f
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 
+from beluga.cxlpool.errors import PoolFormatError
+from beluga.cxlpool.protocol import SLOT_BYTES
+
 MAGIC = b"BELUGAKV"
-VERSION = 1
+VERSION = 2  # 2: session tokens in the RPC slots; coherence, transports and parallel ranks described
 PAGE = 4096
 HEADER_BYTES = 64
-RPC_PAYLOAD = 64 * 1024  # per direction: 2,048 block keys of 32 bytes
-RPC_HEAD = 128  # one client-written line, one server-written line
-KEY_BYTES = 32
+
+COHERENCE_MODES = ("coherent", "native", "simulated")
+TRANSPORTS = ("shm", "tcp")
 
 DTYPE_SIZES = {"float32": 4, "float16": 2, "bfloat16": 2, "float8_e4m3fn": 1, "float8_e5m2": 1, "uint8": 1}
 
@@ -44,6 +47,10 @@ SUPERBLOCK = np.dtype(
         ("head_dim", "<u4"),
         ("block_tokens", "<u4"),
         ("block_bytes", "<u8"),
+        ("tp_size", "<u4"),
+        ("pp_size", "<u4"),
+        ("coherence", "S16"),
+        ("transports", "<u4"),  # bit i: TRANSPORTS[i] is served
     ]
 )
 
@@ -54,6 +61,7 @@ SERVER_STATUS = np.dtype(
         ("epoch", "<u8"),
         ("heartbeat_ns", "<u8"),
         ("sleeping", "<u8"),
+        ("beat", "<u8"),  # bumped several times a second while a server runs: a second server waits and sees
     ]
 )
 
@@ -74,10 +82,6 @@ assert SLOT_HEADER.itemsize <= HEADER_BYTES
 FREE, WRITING, COMMITTED = 0, 1, 2
 
 
-class PoolFormatError(ValueError):
-    """The pool on disk does not match what the caller expects (format, version or geometry)."""
-
-
 @dataclass(frozen=True)
 class KVFormat:
     """What one KV block holds. A pool serves exactly one format."""
@@ -90,11 +94,15 @@ class KVFormat:
     block_tokens: int
     layout: str = "generic"  # the engine layout that produced the block bytes (e.g. "cpu", "flash")
     hash_domain: str = ""  # fingerprint of the engines' block-hash seed: keys from other seeds never match
+    # Engines split over ranks store one shard per rank (see `connector.rank_key`); all ranks of a pool's
+    # engines must be laid out alike, or a rank would load another layout's shard.
+    tp_size: int = 1
+    pp_size: int = 1
 
     def __post_init__(self):
         if self.dtype not in DTYPE_SIZES:
             raise PoolFormatError(f"unknown KV dtype {self.dtype!r}; expected one of {sorted(DTYPE_SIZES)}")
-        for name in ("layers", "kv_heads", "head_dim", "block_tokens"):
+        for name in ("layers", "kv_heads", "head_dim", "block_tokens", "tp_size", "pp_size"):
             if int(getattr(self, name)) <= 0:
                 raise PoolFormatError(f"KV format field {name} must be positive, got {getattr(self, name)}")
         if len(self.layout.encode()) > 16 or len(self.hash_domain.encode()) > 16:
@@ -132,7 +140,7 @@ class Geometry:
         if n_clients <= 0:
             raise PoolFormatError("n_clients must be positive")
         slot_bytes = _round_up(fmt.block_bytes, max(PAGE, 64))
-        rpc_bytes = RPC_HEAD + 2 * RPC_PAYLOAD
+        rpc_bytes = SLOT_BYTES
         rpc_off = 2 * PAGE
         hdr_off = rpc_off + n_clients * rpc_bytes
         fixed = hdr_off
@@ -152,7 +160,22 @@ def _round_up(x: int, a: int) -> int:
     return (x + a - 1) // a * a
 
 
-def write_superblock(mem: np.ndarray, fmt: KVFormat, geo: Geometry) -> None:
+@dataclass(frozen=True)
+class Service:
+    """How the pool is served, fixed at creation: every process reads it from the superblock, so server
+    and clients cannot disagree (an explicit setting that differs is refused, naming both values)."""
+
+    coherence: str = "coherent"
+    transports: tuple[str, ...] = TRANSPORTS
+
+    def __post_init__(self):
+        if self.coherence not in COHERENCE_MODES:
+            raise PoolFormatError(f"coherence must be one of {COHERENCE_MODES}, got {self.coherence!r}")
+        if not self.transports or set(self.transports) - set(TRANSPORTS):
+            raise PoolFormatError(f"transports must be a non-empty subset of {TRANSPORTS}, got {self.transports}")
+
+
+def write_superblock(mem: np.ndarray, fmt: KVFormat, geo: Geometry, svc: Service = Service()) -> None:
     sb = np.zeros(1, SUPERBLOCK)[0]
     sb["version"] = VERSION
     for k in ("n_clients", "total_bytes", "n_slots", "slot_bytes", "rpc_bytes", "rpc_off", "hdr_off",
@@ -162,16 +185,18 @@ def write_superblock(mem: np.ndarray, fmt: KVFormat, geo: Geometry) -> None:
     sb["dtype"] = fmt.dtype.encode()
     sb["layout"] = fmt.layout.encode()
     sb["hash_domain"] = fmt.hash_domain.encode()
-    for k in ("layers", "kv_heads", "head_dim", "block_tokens"):
+    for k in ("layers", "kv_heads", "head_dim", "block_tokens", "tp_size", "pp_size"):
         sb[k] = getattr(fmt, k)
     sb["block_bytes"] = fmt.block_bytes
+    sb["coherence"] = svc.coherence.encode()
+    sb["transports"] = sum(1 << TRANSPORTS.index(t) for t in set(svc.transports))
     raw = np.frombuffer(sb.tobytes(), np.uint8)
     mem[: raw.size] = raw
     # The magic goes last: a half-formatted pool is never taken for a valid one.
     mem[:8] = np.frombuffer(MAGIC, np.uint8)
 
 
-def read_superblock(mem: np.ndarray) -> tuple[KVFormat, Geometry]:
+def read_superblock(mem: np.ndarray) -> tuple[KVFormat, Geometry, Service]:
     if mem.size < PAGE:
         raise PoolFormatError(f"region of {mem.size} bytes is too small to be a pool")
     sb = np.frombuffer(mem[: SUPERBLOCK.itemsize].tobytes(), SUPERBLOCK)[0]
@@ -188,20 +213,25 @@ def read_superblock(mem: np.ndarray) -> tuple[KVFormat, Geometry]:
         block_tokens=int(sb["block_tokens"]),
         layout=sb["layout"].decode(),
         hash_domain=sb["hash_domain"].decode(),
+        tp_size=int(sb["tp_size"]),
+        pp_size=int(sb["pp_size"]),
     )
+    svc = Service(sb["coherence"].decode(), tuple(t for i, t in enumerate(TRANSPORTS) if sb["transports"] >> i & 1))
     geo = Geometry(*(int(sb[k]) for k in ("n_slots", "slot_bytes", "n_clients", "rpc_bytes", "rpc_off",
                                            "hdr_off", "data_off", "total_bytes")))
     if geo.total_bytes > mem.size:
         raise PoolFormatError(f"superblock says {geo.total_bytes} bytes but the region has {mem.size}")
-    return fmt, geo
+    if geo.rpc_bytes != SLOT_BYTES or geo.data_off + geo.n_slots * geo.slot_bytes > geo.total_bytes \
+            or geo.slot_bytes < fmt.block_bytes or geo.hdr_off + geo.n_slots * HEADER_BYTES > geo.data_off:
+        raise PoolFormatError("the superblock's geometry is inconsistent; recreate the pool")
+    return fmt, geo, svc
 
 
 def check_format(found: KVFormat, expected: KVFormat) -> None:
     """Refuse a pool whose KV format differs from the engine's, naming every field that differs."""
     diffs = [
         f"{k}: pool has {getattr(found, k)!r}, engine has {getattr(expected, k)!r}"
-        for k in ("model", "dtype", "layers", "kv_heads", "head_dim", "block_tokens", "layout", "hash_domain")
-        if getattr(found, k) != getattr(expected, k)
+        for k in (f.name for f in fields(KVFormat)) if getattr(found, k) != getattr(expected, k)
     ]
     if diffs:
         raise PoolFormatError("KV format mismatch (" + "; ".join(diffs) + "); use a pool created for this "

@@ -17,6 +17,19 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic
 
+from beluga.cxlpool.protocol import (
+    W_ARGS,
+    W_OPN,
+    W_PLEN,
+    W_REQ_SEQ,
+    W_RESP_SEQ,
+    W_RESP_TOKEN,
+    W_RET,
+    W_RLEN,
+    W_STATUS,
+    W_TOKEN,
+)
+
 # numba's JIT cannot emit inline assembly (clflushopt, sfence) until LLVM's asm parser is loaded.
 llvm.initialize_native_asmparser()
 
@@ -163,7 +176,6 @@ def address(arr) -> int:
     return int(arr.ctypes.data)
 
 
-
 @njit(cache=True, nogil=True)
 def atomic_load(addr):
     """Python-callable acquire load of a shared 64-bit word."""
@@ -176,17 +188,22 @@ def atomic_cas(addr, expected, value):
     return compare_swap(addr, expected, value)
 
 
-# -- RPC slot words (uint64 indices). The client writes the first line, the server the second. --------
-W_REQ_SEQ, W_OWNER, W_OPN, W_ARGS, W_PLEN = 0, 1, 2, 3, 7
-W_RESP_SEQ, W_STATUS, W_RET, W_RLEN = 8, 9, 10, 14
+@njit(cache=True, nogil=True)
+def atomic_store(addr, value):
+    """Python-callable release store of a shared 64-bit word."""
+    store_release(addr, value)
+
+
+# -- RPC slot words: their layout is `protocol`'s. --------------------------------------------------------
 
 
 @njit(cache=True, nogil=True)
-def client_call(slot, opn, a0, a1, a2, a3, plen, seq, spins, out):
+def client_call(slot, opn, token, a0, a1, a2, a3, plen, seq, spins, out):
     """Write a request into the client's RPC slot, publish it, spin for the answer. One Python call per
-    round trip (each extra call from Python costs about as much as the whole exchange). On success, out
-    holds status|n<<32, ret[4], response length."""
+    round trip (each extra call from Python costs about as much as the whole exchange). True when the
+    reply to this very request (its sequence and token) arrived; then out holds it (see `read_reply`)."""
     store_release(slot + W_OPN * 8, opn)
+    store_release(slot + W_TOKEN * 8, token)
     store_release(slot + W_ARGS * 8, a0)
     store_release(slot + (W_ARGS + 1) * 8, a1)
     store_release(slot + (W_ARGS + 2) * 8, a2)
@@ -202,22 +219,25 @@ def client_call(slot, opn, a0, a1, a2, a3, plen, seq, spins, out):
 
 @njit(cache=True, nogil=True)
 def read_reply(slot, out):
+    """out: status|n<<32, ret[4], reply length, the sequence and the token the reply answers."""
+    out[6] = load_acquire(slot + W_RESP_SEQ * 8)
     out[0] = load_acquire(slot + W_STATUS * 8)
     for k in range(4):
         out[1 + k] = load_acquire(slot + (W_RET + k) * 8)
     out[5] = load_acquire(slot + W_RLEN * 8)
+    out[7] = load_acquire(slot + W_RESP_TOKEN * 8)
 
 
 @njit(cache=True, nogil=True)
 def server_read(slot, out):
-    """The request words of one client's slot: seq, owner, op|n<<32, args[4], payload length."""
+    """The request words of one client's slot: seq, token, op|n<<32, args[4], payload length."""
     out[0] = load_acquire(slot + W_REQ_SEQ * 8)
     for k in range(1, 8):
         out[k] = load_acquire(slot + k * 8)
 
 
 @njit(cache=True, nogil=True)
-def server_reply(slot, status_n, r0, r1, r2, r3, rlen, seq):
+def server_reply(slot, status_n, r0, r1, r2, r3, rlen, token, seq):
     """Write the answer words, then release the sequence number the client waits for."""
     store_release(slot + W_STATUS * 8, status_n)
     store_release(slot + W_RET * 8, r0)
@@ -225,4 +245,5 @@ def server_reply(slot, status_n, r0, r1, r2, r3, rlen, seq):
     store_release(slot + (W_RET + 2) * 8, r2)
     store_release(slot + (W_RET + 3) * 8, r3)
     store_release(slot + W_RLEN * 8, rlen)
+    store_release(slot + W_RESP_TOKEN * 8, token)
     store_release(slot + W_RESP_SEQ * 8, seq)

@@ -52,13 +52,24 @@ def _dax_size(path: str) -> int | None:
     return None
 
 
-def _check_permissions(path: str) -> None:
-    st = os.stat(path)
-    if st.st_mode & stat.S_IWOTH:
+def check_access(path: str, st: os.stat_result | None = None) -> None:
+    """Refuse a pool file that others could have written: one readable or writable by every user, or
+    owned by another user (unless shared with one of our groups, `--group-access`). Whoever can write the
+    pool can hand every engine wrong KV. A device-DAX node is granted to pods by its device plugin."""
+    st = st or os.stat(path)
+    if not stat.S_ISREG(st.st_mode):
+        return
+    mode = stat.S_IMODE(st.st_mode)
+    if mode & 0o006:
         raise RegionError(
-            f"{path} is world-writable (mode {stat.S_IMODE(st.st_mode):o}); any local user could corrupt "
-            f"cached KV. Run `chmod o-w {path}` and attach again"
-        )
+            f"{path} is open to every user (mode {mode:o}); any local user could read or corrupt cached KV. "
+            f"Run `chmod o-rw {path}` and attach again")
+    if st.st_uid != os.geteuid():
+        shared = mode & 0o060 == 0o060 and st.st_gid in {os.getegid(), *os.getgroups()}
+        if not shared:
+            raise RegionError(
+                f"{path} belongs to uid {st.st_uid}, not to this process (uid {os.geteuid()}), and is not "
+                "shared with one of its groups; attach as its owner, or create the pool with --group-access")
 
 
 @dataclass
@@ -86,7 +97,12 @@ class Region:
             if kind_of(p) == "devdax":
                 continue
             Path(p).parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(p, os.O_RDWR | os.O_CREAT, mode)
+            try:
+                # Never through a link, never over a file someone else prepared.
+                fd = os.open(p, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+            except FileExistsError:
+                raise RegionError(f"{p} already exists; a pool is created only once. Remove it (`rm {p}`) "
+                                  "if you mean to erase it, or attach to it") from None
             try:
                 os.fchmod(fd, mode)
                 os.ftruncate(fd, per)
@@ -115,7 +131,9 @@ class Region:
         for p in paths:
             if not os.path.exists(p):
                 raise RegionError(f"pool {p} does not exist; create it with `beluga pool create --path {p}`")
-            _check_permissions(p)
+            if os.path.islink(p):
+                raise RegionError(f"{p} is a symbolic link; give the pool's own path")
+            check_access(p)
             s = _dax_size(p) if kind_of(p) == "devdax" else None
             sizes.append(s if s is not None else os.path.getsize(p))
         if size is None:
@@ -132,7 +150,7 @@ class Region:
 
     def _map(self) -> None:
         prot = mmap.PROT_READ | mmap.PROT_WRITE
-        fds = [os.open(p, os.O_RDWR) for p in self.paths]
+        fds = [os.open(p, os.O_RDWR | os.O_NOFOLLOW) for p in self.paths]
         try:
             if len(fds) == 1:
                 addr = _libc.mmap(None, self.size, prot, mmap.MAP_SHARED, fds[0], 0)

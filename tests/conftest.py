@@ -30,7 +30,7 @@ def pool_settings():
     path = f"/dev/shm/beluga-test-{uuid.uuid4().hex[:8]}"
     s = PoolSettings(path=[path], size=32 << 20, tcp_port=free_port(), admin_port=free_port(), spin_us=2000)
     yield s
-    for p in (path, path + ".bell"):
+    for p in (path, path + ".bell", path + ".token"):
         if os.path.exists(p):
             os.unlink(p)
 
@@ -51,9 +51,11 @@ class ServerProcess:
 
     def start(self) -> ServerProcess:
         s = self.settings
-        cmd = [sys.executable, "-m", "beluga", "pool", "serve", "--no-create", "--coherence", s.coherence,
-               "--tcp-port", str(s.tcp_port), "--admin-port", str(s.admin_port), "--spin-us", str(s.spin_us),
-               "--eviction", s.eviction]
+        cmd = [sys.executable, "-m", "beluga", "pool", "serve", "--no-create", "--tcp-port", str(s.tcp_port),
+               "--admin-port", str(s.admin_port), "--spin-us", str(s.spin_us), "--eviction", s.eviction,
+               "--heartbeat-timeout-s", str(s.heartbeat_timeout_s)]
+        if s.coherence:
+            cmd += ["--coherence", s.coherence]
         for p in s.path:
             cmd += ["--path", p]
         self.proc = subprocess.Popen(cmd, env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

@@ -22,7 +22,7 @@ import torch
 from beluga.cxlpool.client import PoolClient
 from beluga.cxlpool.layout import KVFormat
 from beluga.cxlpool.region import Region
-from beluga.cxlpool.service import MetadataService
+from beluga.cxlpool.server.service import MetadataService
 from beluga.cxlpool.settings import PoolSettings
 from beluga.kernels import cpu as cpu_kernels
 from beluga.kernels import cuda as cuda_kernels
@@ -169,7 +169,7 @@ def check_connector_datapath():
                     again = cuda_kernels.scatter(dlay, into, hit_addrs, stream=torch.cuda.current_stream())
                 assert (again == back).all()
             for k, (slot, gen) in enumerate(zip(hit.slots, hit.gens, strict=True)):
-                c.verify(slot, gen, int(back[k]))  # raises on a mismatch
+                assert int(back[k]) == c.expected(slot, gen, keys[k])  # key, generation and checksum
             for t_src, t_dst in zip(src, dst, strict=True):
                 assert torch.equal(t_src[:, torch.as_tensor(ids, device=DEVICE)],
                                    t_dst[:, torch.as_tensor(into, device=DEVICE)])
@@ -177,7 +177,7 @@ def check_connector_datapath():
             reg.close()
     finally:
         svc.close()
-        for p in (path, path + ".bell"):
+        for p in (path, path + ".bell", path + ".token"):
             if os.path.exists(p):
                 os.unlink(p)
 

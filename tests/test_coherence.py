@@ -47,7 +47,8 @@ def _key(round_: int, i: int) -> bytes:
 
 def _actor(role: str, settings_json: str, inbox, outbox) -> None:
     """A writer or reader process with its own (simulated) cache."""
-    from beluga.cxlpool.client import IntegrityError, PoolClient
+    from beluga.cxlpool.client import PoolClient
+    from beluga.cxlpool.errors import IntegrityError
     from beluga.cxlpool.settings import PoolSettings
 
     c = PoolClient(PoolSettings.model_validate_json(settings_json), SMALL)
@@ -62,7 +63,7 @@ def _actor(role: str, settings_json: str, inbox, outbox) -> None:
         for i, (s, g) in enumerate(zip(hit.slots, hit.gens, strict=True)):
             out = np.empty(SMALL.block_bytes, np.uint8)
             try:
-                c.read_into(s, g, out)
+                c.read_into(s, g, _key(round_, i), out)
             except IntegrityError:
                 errors += 1
                 continue
@@ -75,9 +76,9 @@ def _actor(role: str, settings_json: str, inbox, outbox) -> None:
     c.close()
 
 
-def _run_protocol(small_pool, drop_writer=(), drop_reader=(), drop_server=()) -> tuple[int, int, int]:
+def _run_protocol(pool_settings, drop_writer=(), drop_reader=(), drop_server=()) -> tuple[int, int, int]:
     """Rounds of write-then-read through a pool of few slots, so slots are reused across rounds."""
-    base = small_pool.model_copy(update={"coherence": "simulated", "size": 9 << 20})
+    base = pool_settings.model_copy(update={"coherence": "simulated", "size": 9 << 20})
     from beluga.cxlpool import pool as pool_mod
 
     pool_mod.create(base, SMALL).close()  # ~28 slots: every few rounds reuse them
@@ -109,17 +110,17 @@ def _run_protocol(small_pool, drop_writer=(), drop_reader=(), drop_server=()) ->
     return tuple(int(x) for x in totals)
 
 
-def test_simulated_protocol_serves_no_stale_data(small_pool):
-    ok, errors, wrong = _run_protocol(small_pool)
+def test_simulated_protocol_serves_no_stale_data(pool_settings):
+    ok, errors, wrong = _run_protocol(pool_settings)
     assert ok > 50 and errors == 0 and wrong == 0
 
 
 @pytest.mark.parametrize("drop", ["writer_flush", "reader_invalidate", "header_flush"])
-def test_dropping_one_flush_breaks_the_protocol(small_pool, drop):
+def test_dropping_one_flush_breaks_the_protocol(pool_settings, drop):
     """Proof that the simulated cache has teeth: skip one step and reads fail. The checksum still keeps
     wrong bytes from being served (wrong == 0): they surface as integrity errors, never as data."""
     kw = {"writer_flush": {"drop_writer": [drop]}, "reader_invalidate": {"drop_reader": [drop]},
           "header_flush": {"drop_server": [drop]}}[drop]
-    ok, errors, wrong = _run_protocol(small_pool, **kw)
+    ok, errors, wrong = _run_protocol(pool_settings, **kw)
     assert errors > 0, f"dropping {drop} went unnoticed: the simulated cache would not catch a missing flush"
     assert wrong == 0

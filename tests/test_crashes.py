@@ -65,7 +65,7 @@ def test_writer_killed_mid_write_never_serves_a_partial_block(server):
             hit = c.lookup([_key(i)])
             for s, g in zip(hit.slots, hit.gens, strict=True):
                 out = np.empty(SMALL.block_bytes, np.uint8)
-                c.read_into(s, g, out)  # raises on a partial block
+                c.read_into(s, g, _key(i), out)  # raises on a partial block
                 assert (out == _expected(i)).all()
                 served += 1
             c.release(hit.slots)

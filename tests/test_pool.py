@@ -12,9 +12,9 @@ from conftest import SMALL
 
 from beluga.cxlpool import pool as pool_mod
 from beluga.cxlpool.client import PoolClient
-from beluga.cxlpool.layout import KVFormat, PoolFormatError
+from beluga.cxlpool.errors import PoolFormatError, PoolRefused, PoolUnavailable
+from beluga.cxlpool.layout import KVFormat
 from beluga.cxlpool.region import Region, RegionError
-from beluga.cxlpool.rpc import PoolUnavailable
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -48,7 +48,7 @@ def test_created_private_and_world_writable_refused(small_pool):
     path = small_pool.path[0]
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
     os.chmod(path, 0o666)
-    with pytest.raises(RegionError, match="world-writable"):
+    with pytest.raises(RegionError, match="open to every user"):
         pool_mod.attach(small_pool)
 
 
@@ -102,7 +102,9 @@ def test_tcp_transport_sees_the_same_pool(server):
 def test_leased_blocks_are_never_evicted(small_pool, policy):
     from conftest import ServerProcess
 
-    server = ServerProcess(small_pool.model_copy(update={"eviction": policy})).start()
+    # One client leases the whole pool here: lift the per-client quota (tested in test_trust.py).
+    server = ServerProcess(small_pool.model_copy(update={"eviction": policy}),
+                           {"BELUGA_POOL_CLIENT_QUOTA": "1"}).start()
     try:
         _fill_past_capacity_while_leased(server)
     finally:
@@ -161,7 +163,9 @@ def test_bad_input_is_refused_and_server_keeps_working(server):
             c.lookup([b"short"])
         with pytest.raises(ValueError, match="exactly one block|format needs"):
             c.write(0, np.zeros(10, np.uint8))
-        assert c.commit([(10**6, 1, 0)]) == 0  # not a slot of ours: refused, no crash
+        with pytest.raises(PoolRefused, match="outside the pool"):
+            c.commit([(10**6, 1, 0)])  # not a slot of the pool: the whole request is refused, no crash
+        assert c.commit([(5, 1, 0)]) == 0  # a slot this client is not writing: not accepted
         c.put(keys(1), blocks(1))
         assert len(c.get(keys(1))) == 1
 

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from beluga.cxlpool.table import BlockTable
+from beluga.cxlpool.server.table import BlockTable
 
 
 def _key(i: int, tag: bytes = b"blk") -> bytes:

@@ -12,10 +12,13 @@ forward pass, copy the leased slots into the engine's cache blocks (checksums ve
 reported and recomputed); after it, copy newly full blocks into fresh slots and commit them.
 
 Keys are vLLM's own block hashes (chained, so one key names a whole prefix; a request's cache_salt is
-hashed into its first block, so tenants never share). A prompt's last, partial block is stored too, under
-a key of its own (`tail_key`): a repeated prompt then loads everything but its last token, where a cache
-of full blocks only recomputes up to a block's worth of tokens. When the pool is unreachable the connector
-answers "no hit", saves nothing, logs once, and retries later: the engine computes as if it were absent.
+hashed into its first block, so tenants never share). Engines split over tensor- or pipeline-parallel
+ranks store one shard per rank under a key of that rank (`rank_key`); the scheduler counts a block as a
+hit only when every rank's shard is in the pool, and each worker loads its own. A prompt's last, partial
+block is stored too, under a key of its own (`tail_key`): a repeated prompt then loads everything but its
+last token, where a cache of full blocks only recomputes up to a block's worth of tokens. When the pool is
+unreachable the connector answers "no hit", saves nothing, logs once, and retries later: the engine computes
+as if it were absent.
 """
 
 from __future__ import annotations
@@ -38,9 +41,8 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
-from beluga.cxlpool.client import IntegrityError, PoolClient
-from beluga.cxlpool.layout import PoolFormatError
-from beluga.cxlpool.rpc import PoolUnavailable
+from beluga.cxlpool.client import PoolClient
+from beluga.cxlpool.errors import IntegrityError, PoolError, PoolFormatError
 from beluga.cxlpool.settings import PoolSettings
 from beluga.kernels import layout as cache_layout
 from beluga.workers.datapath import DataPath
@@ -66,6 +68,8 @@ METRICS = {
     "save_seconds": Counter("beluga_connector_save_seconds", "time spent saving"),
     "fallbacks": Counter("beluga_connector_fallbacks", "times the engine recomputed: pool down or bad block"),
     "bad_blocks": Counter("beluga_connector_bad_blocks", "blocks that failed their checksum"),
+    "key_mismatches": Counter("beluga_connector_key_mismatches", "blocks whose slot held another key or "
+                              "generation than leased: a miss, never loaded"),
 }
 
 
@@ -75,10 +79,11 @@ class ConnectorSettings(BaseModel):
     model_config = {"extra": "forbid"}
 
     pool: str | list[str] = Field(description="pool file(s) or /dev/dax node(s), as created by `beluga pool`")
-    coherence: str = "coherent"
-    transport: str = "shm"
+    coherence: str | None = Field(None, description="default: the pool's; if given, it must be the pool's")
+    transport: str | None = Field(None, description="shm or tcp; default: shm if the pool serves it")
     tcp_host: str = "127.0.0.1"
     tcp_port: int = 7701
+    token_file: str | None = Field(None, description="the pool token (TCP); default: beside the pool file")
     rpc_timeout_s: float = Field(1.0, gt=0)
     retry_after_s: float = Field(5.0, ge=0, description="after the pool fails, compute locally this long")
     metrics_port: int | None = Field(None, ge=0, le=65535, description="Prometheus endpoint of the worker")
@@ -90,7 +95,8 @@ class ConnectorSettings(BaseModel):
     def pool_settings(self) -> PoolSettings:
         paths = [self.pool] if isinstance(self.pool, str) else self.pool
         return PoolSettings(path=paths, coherence=self.coherence, transport=self.transport,
-                            tcp_host=self.tcp_host, tcp_port=self.tcp_port, rpc_timeout_s=self.rpc_timeout_s)
+                            tcp_host=self.tcp_host, tcp_port=self.tcp_port, token_file=self.token_file,
+                            rpc_timeout_s=self.rpc_timeout_s)
 
 
 def check_hashing(algo: str, seed: str | None) -> None:
@@ -111,6 +117,14 @@ def connector_config(pool: str, **extra) -> dict:
 
 
 TAIL_TAG = b"beluga:tail"
+RANK_TAG = b"beluga:rank"
+
+
+def rank_key(key: bytes, rank: int, world: int) -> bytes:
+    """The pool key of one rank's shard of a block. One engine rank (world 1) keeps vLLM's key."""
+    if world == 1:
+        return key
+    return hashlib.sha256(key + RANK_TAG + rank.to_bytes(4, "little") + world.to_bytes(4, "little")).digest()
 
 
 def tail_key(prefix_hash: bytes, tokens) -> bytes:
@@ -121,8 +135,9 @@ def tail_key(prefix_hash: bytes, tokens) -> bytes:
 
 @dataclass
 class LoadSpec:
-    slots: list[int]
-    gens: list[int]
+    keys: list[bytes]  # vLLM's keys; each rank loads rank_key(key) from slots[rank]
+    slots: list[list[int]]  # per rank
+    gens: list[list[int]]
     block_ids: list[int]
     tokens: int = 0  # prompt tokens these blocks give the engine (the last block may be a partial tail)
 
@@ -146,7 +161,7 @@ class _ReqState:
     request: Any
     block_ids: list[int] = field(default_factory=list)
     saved_blocks: int = 0
-    leased: list[int] = field(default_factory=list)
+    leased: list[int] = field(default_factory=list)  # every rank's slots
     plan: LoadSpec | None = None
     start_block: int = 0
     tail_saved: bool = False
@@ -168,6 +183,8 @@ class BelugaConnector(KVConnectorBase_V1):
             raise ValueError(f"BelugaConnector: bad kv_connector_extra_config: {e}") from None
         self.block_size = vllm_config.cache_config.block_size
         self.fmt = self._format(vllm_config)
+        self.world = self.fmt.tp_size * self.fmt.pp_size
+        self.rank = self._rank() if role == KVConnectorRole.WORKER else 0
         if self._kv_transfer_config.kv_load_failure_policy != "recompute":
             raise ValueError('BelugaConnector needs "kv_load_failure_policy": "recompute" in '
                              "--kv-transfer-config, so that a block that fails its checksum is recomputed")
@@ -178,8 +195,8 @@ class BelugaConnector(KVConnectorBase_V1):
         self.down_until = 0.0
         self._down_logged = False
         try:
-            self.client.hello()  # also compiles the RPC path now rather than in the first request's TTFT
-        except PoolUnavailable as e:
+            self.client.ping()  # also compiles the RPC path now rather than in the first request's TTFT
+        except PoolError as e:
             self._pool_failed("start-up", e)
         # scheduler side
         self.reqs: dict[str, _ReqState] = {}
@@ -204,8 +221,18 @@ class BelugaConnector(KVConnectorBase_V1):
         from vllm.platforms import current_platform
 
         layout = self.settings.layout or ("cpu" if current_platform.is_cpu() else "cuda")
-        return kv_format(self.settings.model_id or model_id_for(mc.model), mc.get_num_layers(pc),
-                         mc.get_num_kv_heads(pc), mc.get_head_size(), self.block_size, dtype, layout, algo, seed)
+        # Per rank: a pipeline stage's layers, a tensor-parallel shard's KV heads (vLLM's own split).
+        return kv_format(self.settings.model_id or model_id_for(mc.model, getattr(mc, "revision", None)),
+                         mc.get_num_layers(pc), mc.get_num_kv_heads(pc), mc.get_head_size(), self.block_size, dtype,
+                         layout, algo, seed, pc.tensor_parallel_size, pc.pipeline_parallel_size)
+
+    def _rank(self) -> int:
+        """This worker's rank among the engine's tensor x pipeline ranks."""
+        if self.world == 1:
+            return 0
+        from vllm.distributed.parallel_state import get_pp_group, get_tensor_model_parallel_rank
+
+        return get_pp_group().rank_in_group * self.fmt.tp_size + get_tensor_model_parallel_rank()
 
     def _pool_ok(self) -> bool:
         return time.monotonic() >= self.down_until
@@ -247,21 +274,34 @@ class BelugaConnector(KVConnectorBase_V1):
         if not keys:
             return 0, False
         try:
-            hit = self.client.lookup(keys, lease=True)
+            hits = self._lookup_ranks(st, keys)
             self._pool_back()
-        except (PoolUnavailable, RuntimeError) as e:
+        except PoolError as e:
+            self._drop_lease(st)
             self._pool_failed("lookup", e)
             return 0, False
-        covered = n_prompt if len(hit.slots) > full - start else (start + len(hit.slots)) * self.block_size
+        n_hit = min(len(h.slots) for h in hits)  # a block counts when every rank's shard is there
+        covered = n_prompt if n_hit > full - start else (start + n_hit) * self.block_size
         # At least one prompt token must be computed by the engine: it yields the first output token.
         matched = min(covered, n_prompt - 1) - start * self.block_size
-        st.leased = list(hit.slots)
         if matched <= 0:
             self._drop_lease(st)
             return 0, False
-        st.plan = LoadSpec(list(hit.slots), list(hit.gens), [])
+        st.plan = LoadSpec(keys[:n_hit], [h.slots[:n_hit] for h in hits], [h.gens[:n_hit] for h in hits], [])
         st.start_block = start
         return matched, False
+
+    def _lookup_ranks(self, st: _ReqState, keys: list[bytes]):
+        """Each rank's longest run of shards, leased (one lookup per rank, stopping at the first miss)."""
+        hits = []
+        for r in range(self.world):
+            hit = self.client.lookup([rank_key(k, r, self.world) for k in keys], lease=True)
+            st.leased += hit.slots
+            hits.append(hit)
+            keys = keys[:len(hit.slots)]
+            if not keys:
+                break
+        return hits + [hits[-1]] * (self.world - len(hits))
 
     def _tail(self, request: Request) -> bytes | None:
         """The key of the prompt's partial last block, if it has one and its tokens alone name its
@@ -282,9 +322,10 @@ class BelugaConnector(KVConnectorBase_V1):
             return
         ids = blocks.get_block_ids()[0]
         n = -(-num_external_tokens // self.block_size)  # the last one may be the prompt's partial block
-        st.plan.block_ids = list(ids[st.start_block: st.start_block + n])
-        st.plan.slots, st.plan.gens = st.plan.slots[:n], st.plan.gens[:n]
-        st.plan.tokens = num_external_tokens
+        p = st.plan
+        p.block_ids = list(ids[st.start_block: st.start_block + n])
+        p.keys, p.slots, p.gens = p.keys[:n], [s[:n] for s in p.slots], [g[:n] for g in p.gens]
+        p.tokens = num_external_tokens
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
         meta = BelugaMetadata(counts=self._pending)
@@ -343,8 +384,8 @@ class BelugaConnector(KVConnectorBase_V1):
         if st.leased:
             try:
                 self.client.release(st.leased)
-            except (PoolUnavailable, RuntimeError) as e:
-                self._pool_failed("release", e)  # the server reaps our leases if it restarts
+            except PoolError as e:
+                self._pool_failed("release", e)  # the server reaps our session's leases when it ends
             st.leased = []
         st.plan = None
 
@@ -376,20 +417,31 @@ class BelugaConnector(KVConnectorBase_V1):
         METRICS["load_seconds"].inc(time.perf_counter() - t0)
 
     def _load(self, spec: LoadSpec) -> None:
+        """Copy this rank's shards in, after checking each slot still holds the key and generation leased;
+        the checksums of what was copied are compared after. Any mismatch: recompute from there on."""
         n = len(spec.block_ids)
-        try:
-            expected = [self.client.expected(s, g) for s, g in zip(spec.slots[:n], spec.gens[:n], strict=True)]
-        except (IntegrityError, PoolUnavailable, RuntimeError) as e:
-            self._fail_blocks(spec, 0, e)
-            return
-        got = self.path.load(spec.slots[:n], spec.block_ids[:n])
+        slots, gens = spec.slots[self.rank][:n], spec.gens[self.rank][:n]
+        keys = [rank_key(k, self.rank, self.world) for k in spec.keys[:n]]
+        expected = []
+        for s, g, k in zip(slots, gens, keys, strict=True):
+            try:
+                expected.append(self.client.expected(s, g, k))
+            except IntegrityError as e:
+                METRICS["key_mismatches"].inc()
+                self._fail_blocks(spec, len(expected), e)
+                break
+            except PoolError as e:
+                self._fail_blocks(spec, len(expected), e)
+                break
+        n = len(expected)
+        got = self.path.load(slots[:n], spec.block_ids[:n]) if n else []
         bad = [i for i in range(n) if int(got[i]) != expected[i]]
         if bad:
             first = bad[0]
             METRICS["bad_blocks"].inc(len(bad))
             try:
-                self.client.report_bad([(spec.slots[i], spec.gens[i]) for i in bad])
-            except (PoolUnavailable, RuntimeError):
+                self.client.report_bad([(slots[i], gens[i]) for i in bad])
+            except PoolError:
                 pass
             self._fail_blocks(spec, first, IntegrityError(f"{len(bad)} block(s) failed their checksum"))
             n = first
@@ -422,18 +474,26 @@ class BelugaConnector(KVConnectorBase_V1):
             try:
                 self._save(spec)
                 self._pool_back()
-            except (PoolUnavailable, RuntimeError) as e:
+            except PoolError as e:
                 self._pool_failed("save", e)
                 break
         METRICS["save_seconds"].inc(time.perf_counter() - t0)
 
     def _save(self, spec: SaveSpec) -> None:
-        got = self.client.alloc(spec.keys)
+        """This rank's shards into fresh slots, then one commit; a failure gives the slots back."""
+        got = self.client.alloc([rank_key(k, self.rank, self.world) for k in spec.keys])
         todo = [(i, s, g) for i, (s, g) in enumerate(got) if s >= 0]
         if not todo:
             return
-        sums = self.path.save([spec.block_ids[i] for i, _, _ in todo], [s for _, s, _ in todo])
-        self.client.commit([(s, g, int(c)) for (_, s, g), c in zip(todo, sums, strict=True)])
+        try:
+            sums = self.path.save([spec.block_ids[i] for i, _, _ in todo], [s for _, s, _ in todo])
+            self.client.commit([(s, g, int(c)) for (_, s, g), c in zip(todo, sums, strict=True)])
+        except BaseException:
+            try:
+                self.client.abort([(s, g) for _, s, g in todo])
+            except PoolError:
+                pass  # the server reclaims them at the write timeout, or when our session ends
+            raise
         METRICS["saved_blocks"].inc(len(todo))
         METRICS["saved_bytes"].inc(len(todo) * self.fmt.block_bytes)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from beluga.cxlpool.layout import KEY_BYTES
+from beluga.cxlpool.protocol import KEY_BYTES
 
 EMPTY = -1
 GONE = -2  # a deleted entry: probing goes on past it
