@@ -96,7 +96,7 @@ def _settings(size: int, **kw) -> PoolSettings:
 
 
 def _cleanup(s: PoolSettings) -> None:
-    for p in (s.path[0], s.path[0] + ".bell"):
+    for p in (s.path[0], s.path[0] + ".bell", s.path[0] + ".token"):
         if os.path.exists(p):
             os.unlink(p)
 
@@ -149,9 +149,12 @@ def rpc_and_data(quick: bool) -> dict:
             shm = _latencies(c.ping, n)
             tcp_client = PoolClient(s.model_copy(update={"transport": "tcp"}), BUNDLED)
             tcp = _latencies(tcp_client.ping, n // 4)
-            tcp_client.close()
+            # Both with session tokens and every check; TCP is the authenticated transport (pool token).
             res.update(rpc_shm_p50_us=float(np.percentile(shm, 50)), rpc_shm_p99_us=float(np.percentile(shm, 99)),
                        rpc_tcp_p50_us=float(np.percentile(tcp, 50)), rpc_tcp_p99_us=float(np.percentile(tcp, 99)))
+            hello = _latencies(lambda: tcp_client.rpc.hello(), 50)  # connect, challenge, HMAC proof, session
+            res["tcp_authenticated_connect_p50_us"] = float(np.percentile(hello, 50))
+            tcp_client.close()
             res["rpc_shm_speedup_vs_tcp"] = res["rpc_tcp_p50_us"] / res["rpc_shm_p50_us"]
 
             # Block data path: 32 blocks of 5.9 MB (190 MB), beyond the caches.
