@@ -233,24 +233,31 @@ def router(host: str = "127.0.0.1", port: int = 8000, policy: str = "least-loade
            discovery: Annotated[str, typer.Option(help="static, dns or ray")] = "static",
            worker: Annotated[list[str] | None, typer.Option(help="static worker URL (repeat)")] = None,
            dns_name: str | None = None, dns_port: int = 8000, ray_address: str | None = None,
-           api_keys_file: str | None = None):
-    """Run only the router (Kubernetes, or in front of workers started elsewhere)."""
+           api_keys_file: Annotated[str | None, typer.Option(help="'key tenant' lines: keys on")] = None,
+           admin_api_keys_file: Annotated[str | None, typer.Option(help="keys for /workers and /metrics "
+                                                                   "only, one a line")] = None,
+           worker_api_key_file: Annotated[str | None, typer.Option(help="the workers' key (vLLM's --api-key), "
+                                                                   "sent to them on every request")] = None):
+    """Run only the router (Kubernetes, or in front of workers started elsewhere). Every other setting:
+    BELUGA_ROUTER_* environment variables (router/settings.py)."""
     import uvicorn
     from pydantic import ValidationError
 
     from beluga.router.app import create_app
+    from beluga.router.limits import uvicorn_config
     from beluga.router.settings import RouterSettings
 
     try:
         kw = dict(host=host, port=port, policy=policy, discovery=discovery, dns_name=dns_name,
-                  dns_port=dns_port, ray_address=ray_address, api_keys_file=api_keys_file)
-        if worker:
-            kw["workers"] = worker
+                  dns_port=dns_port, ray_address=ray_address)
+        given = dict(workers=worker, api_keys_file=api_keys_file, admin_api_keys_file=admin_api_keys_file,
+                     worker_api_key_file=worker_api_key_file)
+        kw.update({k: v for k, v in given.items() if v})  # unset flags leave BELUGA_ROUTER_* in charge
         rs = RouterSettings(**kw)
         app_ = create_app(rs)
-    except (ValidationError, ValueError) as e:
+    except (ValidationError, ValueError, OSError) as e:
         _fail(str(e))
-    uvicorn.run(app_, host=rs.host, port=rs.port, log_level="warning")
+    uvicorn.Server(uvicorn_config(app_, rs)).run()
 
 
 @app.command("worker")

@@ -89,7 +89,8 @@ class Stack:
         cmd = [sys.executable, "-m", "beluga", "pool", "serve", "--path", s.pool, "--size", str(s.pool_size),
                "--model-dir", model_dir, "--block-tokens", str(s.block_size), "--admin-port", str(s.pool_admin_port),
                "--tcp-port", str(s.pool_tcp_port)]
-        self.pool_proc = subprocess.Popen(cmd, stdout=open(log_path, "ab"), stderr=subprocess.STDOUT)
+        self._pool_log = open(log_path, "ab")  # noqa: SIM115 - the server's output, for as long as it runs
+        self.pool_proc = subprocess.Popen(cmd, stdout=self._pool_log, stderr=subprocess.STDOUT)
         self._wait_pool(log_path)
         threading.Thread(target=self._supervise_pool, args=(cmd, log_path), daemon=True,
                          name="pool-supervisor").start()
@@ -102,7 +103,7 @@ class Stack:
             if self._stopping.is_set():
                 return
             log.warning("pool metadata server exited (%s); restarting it", code)
-            self.pool_proc = subprocess.Popen(cmd, stdout=open(log_path, "ab"), stderr=subprocess.STDOUT)
+            self.pool_proc = subprocess.Popen(cmd, stdout=self._pool_log, stderr=subprocess.STDOUT)
             time.sleep(0.5)  # a server that cannot start at all is retried twice a second, not in a spin
 
     def _wait_pool(self, log_path: str) -> None:
@@ -137,6 +138,7 @@ def run(s: ServeSettings, console) -> None:
     import uvicorn
 
     from beluga.router.app import create_app
+    from beluga.router.limits import uvicorn_config
     from beluga.router.settings import RouterSettings
 
     stack = Stack(s)
@@ -148,6 +150,6 @@ def run(s: ServeSettings, console) -> None:
               else f"pool {'off' if s.no_pool else s.pool}")
         console.print(f"[green]ready[/green]: OpenAI API on http://{s.host}:{s.port}/v1 "
                       f"({s.workers} workers, policy {s.policy}, {kv})")
-        uvicorn.run(create_app(rs), host=s.host, port=s.port, log_level="warning")
+        uvicorn.Server(uvicorn_config(create_app(rs), rs)).run()
     finally:
         stack.stop()

@@ -64,13 +64,14 @@ def run_router(port: int, upstream: str, core: int | None) -> None:
     import uvicorn
 
     from beluga.router.app import create_app
+    from beluga.router.limits import uvicorn_config
     from beluga.router.settings import RouterSettings
 
     logging.disable(logging.INFO)
     if core is not None:
         os.sched_setaffinity(0, {core})
-    app = create_app(RouterSettings(workers=[upstream], port=port, max_in_flight=4096, health_interval_s=5))
-    uvicorn.run(app, host="127.0.0.1", port=port, log_level="error", access_log=False)
+    s = RouterSettings(workers=[upstream], port=port, max_in_flight=4096, health_interval_s=5)
+    uvicorn.Server(uvicorn_config(create_app(s), s, log_level="error")).run()  # the server as the router ships
 
 
 def _request(port: int) -> bytes:

@@ -189,7 +189,7 @@ def index(quick: bool) -> dict:
             keys = [i.to_bytes(8, "little").ljust(32, b"k") for i in range(n_blocks)]
             for i in range(0, n_blocks, 2048):  # fill the index (no data needed for lookups)
                 got = c.alloc(keys[i:i + 2048])
-                c.commit([(sl, g, 0) for sl, g in got if sl >= 0])
+                c.commit([(sl, g, 0, k) for (sl, g), k in zip(got, keys[i:i + 2048], strict=True) if sl >= 0])
             res["index_blocks"] = c.stats()["committed_blocks"]
             rng = np.random.default_rng(1)
             picks = [keys[j] for j in rng.integers(0, n_blocks, 2000)]

@@ -82,6 +82,11 @@ assert SLOT_HEADER.itemsize <= HEADER_BYTES
 FREE, WRITING, COMMITTED = 0, 1, 2
 
 
+def server_status(mem: np.ndarray) -> np.ndarray:
+    """The server's status page (a view; only the metadata server writes it)."""
+    return np.ndarray(1, SERVER_STATUS, buffer=mem, offset=PAGE)
+
+
 @dataclass(frozen=True)
 class KVFormat:
     """What one KV block holds. A pool serves exactly one format."""
@@ -222,7 +227,8 @@ def read_superblock(mem: np.ndarray) -> tuple[KVFormat, Geometry, Service]:
     if geo.total_bytes > mem.size:
         raise PoolFormatError(f"superblock says {geo.total_bytes} bytes but the region has {mem.size}")
     if geo.rpc_bytes != SLOT_BYTES or geo.data_off + geo.n_slots * geo.slot_bytes > geo.total_bytes \
-            or geo.slot_bytes < fmt.block_bytes or geo.hdr_off + geo.n_slots * HEADER_BYTES > geo.data_off:
+            or geo.slot_bytes < fmt.block_bytes or geo.hdr_off + geo.n_slots * HEADER_BYTES > geo.data_off \
+            or geo.rpc_off < 2 * PAGE or geo.rpc_off + geo.n_clients * geo.rpc_bytes > geo.hdr_off:
         raise PoolFormatError("the superblock's geometry is inconsistent; recreate the pool")
     return fmt, geo, svc
 

@@ -40,9 +40,6 @@ class Pool:
     def mem(self) -> np.ndarray:
         return self.region.mem
 
-    def slot_offset(self, slot: int) -> int:
-        return self.geo.data_off + slot * self.geo.slot_bytes
-
     def close(self) -> None:
         self.region.close()
 

@@ -7,9 +7,11 @@ integer results, a payload. The shared-memory transport writes these as words of
 TCP sends them as frames (`REQ_FRAME`, `RESP_FRAME`).
 
 Identity: a client claims an RPC slot (shared memory) or opens a connection (TCP) and says HELLO; the
-server answers with a random 64-bit session token that every later request carries. The server reaps a
+server answers with a random 63-bit session token that every later request carries. The server reaps a
 session whose heartbeat stops (never by process id: pids mean nothing across PID namespaces or hosts).
-TCP HELLO also proves knowledge of the pool token (HMAC over the server's challenge).
+A shared-memory HELLO carries the slot's claim word as its token, and the server answers it only if the
+slot is still claimed so: a client that lost its slot can never open a session on another's. TCP HELLO
+proves knowledge of the pool token instead (an HMAC over the server's challenge).
 """
 
 from __future__ import annotations
@@ -17,8 +19,11 @@ from __future__ import annotations
 import enum
 import hashlib
 import hmac
+import os
 import socket
 import struct
+import time
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -39,10 +44,11 @@ SLOT_BYTES = SLOT_HEAD_BYTES + 2 * MAX_PAYLOAD  # head, request payload, reply p
 
 
 class Op(enum.IntEnum):
-    HELLO = 1  # shm: no payload; tcp: payload = proof (see `proof`). -> ret: n_slots, server pid, token
+    HELLO = 1  # shm: token = the claim, no payload; tcp: payload = proof (`proof`). -> ret: n_slots, server id, token
     LOOKUP = 2  # args[0]: 1 to lease; payload: keys -> n hits; payload: slots u32[n], gens u32[n]
     ALLOC = 3  # payload: keys -> payload: slots i64[n] (ALLOC_NO_ROOM, ALLOC_EXISTS), gens u32[n]
-    COMMIT = 4  # args[0]: block length; payload: COMMIT_REC[n] -> ret[0]: accepted; payload: ok u8[n]
+    COMMIT = 4  # args[0]: block length; payload: COMMIT_REC[n] -> ret[0]: accepted; payload: ok u8[n]. The
+    # record names the key the writer wrote: a slot allocated under another key is refused, never published
     ABORT = 5  # payload: PAIR_REC[n]
     RELEASE = 6  # payload: slots u32[n]
     STATS = 7  # -> payload: JSON
@@ -60,7 +66,7 @@ class Status(enum.IntEnum):
 ALLOC_NO_ROOM, ALLOC_EXISTS = -1, -2
 
 # Per-op payload records.
-COMMIT_REC = np.dtype([("slot", "<u4"), ("gen", "<u4"), ("csum", "<u8")])
+COMMIT_REC = np.dtype([("slot", "<u4"), ("gen", "<u4"), ("csum", "<u8"), ("key", "V32")])
 PAIR_REC = np.dtype([("slot", "<u4"), ("gen", "<u4")])
 
 # The largest n each op may carry, and the exact request payload size it must come with: checked before
@@ -105,10 +111,35 @@ def proof(pool_token: bytes, challenge: bytes) -> bytes:
     return hmac.new(pool_token, b"beluga-hello:" + challenge, hashlib.sha256).digest()
 
 
-def recv_exact(sock: socket.socket, n: int) -> bytes:
-    """Read one frame's n bytes (frames are capped, so n is bounded)."""
+@dataclass
+class Reply:
+    status: int
+    n: int = 0
+    ret: tuple[int, int, int, int] = (0, 0, 0, 0)
+    payload: bytes = b""
+
+    @classmethod
+    def error(cls, why: str, status: Status = Status.ERROR) -> Reply:
+        return cls(int(status), payload=why.encode()[:MAX_PAYLOAD])
+
+
+def doorbell_path(pool_path: str) -> str:
+    """Where the server's doorbell socket lives: beside a pool file, or under /dev/shm for a DAX node."""
+    if pool_path.startswith("/dev/dax"):
+        return f"/dev/shm/beluga-{os.path.basename(pool_path)}.bell"
+    return pool_path + ".bell"
+
+
+def recv_exact(sock: socket.socket, n: int, deadline: float | None = None) -> bytes:
+    """Read one frame's n bytes (frames are capped, so n is bounded). With a deadline (monotonic), the
+    whole read must finish by then: a peer trickling bytes cannot hold the connection."""
     buf = bytearray()
     while len(buf) < n:
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("peer too slow")
+            sock.settimeout(left)
         chunk = sock.recv(n - len(buf))
         if not chunk:
             raise ConnectionError("peer closed the connection")

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from beluga.cxlpool.errors import PoolFormatError
+
 log = logging.getLogger(__name__)
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
@@ -35,7 +37,7 @@ DAX_ALIGN = 2 * 1024 * 1024
 DEFAULT_INTERLEAVE = 2 * 1024 * 1024
 
 
-class RegionError(RuntimeError):
+class RegionError(PoolFormatError):
     """The pool's memory cannot be created or mapped as asked."""
 
 
@@ -133,7 +135,6 @@ class Region:
                 raise RegionError(f"pool {p} does not exist; create it with `beluga pool create --path {p}`")
             if os.path.islink(p):
                 raise RegionError(f"{p} is a symbolic link; give the pool's own path")
-            check_access(p)
             s = _dax_size(p) if kind_of(p) == "devdax" else None
             sizes.append(s if s is not None else os.path.getsize(p))
         if size is None:
@@ -150,8 +151,14 @@ class Region:
 
     def _map(self) -> None:
         prot = mmap.PROT_READ | mmap.PROT_WRITE
-        fds = [os.open(p, os.O_RDWR | os.O_NOFOLLOW) for p in self.paths]
+        fds = []
         try:
+            for p in self.paths:
+                try:
+                    fds.append(os.open(p, os.O_RDWR | os.O_NOFOLLOW))
+                except OSError as e:
+                    raise RegionError(f"cannot open the pool {p}: {e.strerror}") from None
+                check_access(p, os.fstat(fds[-1]))  # the file we map, not whatever the path named before
             if len(fds) == 1:
                 addr = _libc.mmap(None, self.size, prot, mmap.MAP_SHARED, fds[0], 0)
                 if addr in (None, _MAP_FAILED):

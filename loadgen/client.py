@@ -46,7 +46,8 @@ async def stream_request(client: httpx.AsyncClient, base: str, model: str, promp
         body["prompt"] = prompt
         if logprobs:
             body["logprobs"] = logprobs
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    # x-beluga-debug: the router then names the worker that answered (requests.csv's `worker` column).
+    headers = {"x-beluga-debug": "1"} | ({"Authorization": f"Bearer {api_key}"} if api_key else {})
     t0 = time.perf_counter()
     last = t0
     try:

@@ -44,15 +44,11 @@ def static_source(urls: list[str]) -> Source:
 
 
 def dns_source(name: str, port: int) -> Source:
-    """Kubernetes headless service: every A record is a worker pod."""
+    """Kubernetes headless service: every A record is a worker pod. A failed lookup raises (socket.gaierror):
+    the registry then keeps the workers it has, instead of taking the failure for "no workers"."""
 
     async def get() -> list[str]:
-        loop = asyncio.get_running_loop()
-        try:
-            infos = await loop.getaddrinfo(name, port, type=socket.SOCK_STREAM)
-        except socket.gaierror as e:
-            log.warning("DNS discovery of %s failed: %s", name, e)
-            return []
+        infos = await asyncio.get_running_loop().getaddrinfo(name, port, type=socket.SOCK_STREAM)
         return sorted({f"http://{i[4][0]}:{port}" for i in infos})
 
     return get
@@ -82,12 +78,20 @@ class Registry:
         return set().union(*(w.models for w in self.healthy())) if self.workers else set()
 
     async def refresh(self) -> None:
-        urls = await self.source()
-        for u in urls:
-            self.workers.setdefault(u, Worker(u))
-        for u in list(self.workers):
-            if u not in urls and self.workers[u].in_flight == 0:
-                del self.workers[u]
+        """Ask discovery for the workers, then health-check each. A discovery that fails (one DNS lookup that
+        times out, Ray busy) changes nothing: the last good list stays, still health-checked, so one failed
+        lookup no longer empties the router until the next refresh."""
+        try:
+            urls = await self.source()
+        except Exception as e:  # any failure of discovery is "no news", never "no workers"
+            log.warning("worker discovery failed, keeping the last %d worker(s): %s: %s", len(self.workers),
+                        type(e).__name__, e)
+        else:
+            for u in urls:
+                self.workers.setdefault(u, Worker(u))
+            for u in list(self.workers):
+                if u not in urls and self.workers[u].in_flight == 0:
+                    del self.workers[u]
         await asyncio.gather(*(self._check(w) for w in list(self.workers.values())))
 
     async def _check(self, w: Worker) -> None:

@@ -156,7 +156,7 @@ def check_connector_datapath():
             got = c.alloc(keys)
             addrs = np.array([reg.device_addr(c.slot_addr(sl)) for sl, _ in got], np.int64)
             sums = cuda_kernels.gather(lay, ids, addrs)
-            assert c.commit([(sl, g, int(x)) for (sl, g), x in zip(got, sums, strict=True)]) == 6
+            assert c.commit([(sl, g, int(x), k) for (sl, g), x, k in zip(got, sums, keys, strict=True)]) == 6
             hit = c.lookup(keys)
             assert len(hit) == 6
             dst = make_caches(layers, heads, dim, dtype, tokens, 16, "flash", fill=False)

@@ -43,7 +43,7 @@ def holder(c: PoolClient, tag: str) -> None:
     [(slot, gen)] = c.alloc([key(tag + "-w", 0)])
     say(event="holding", pid=os.getpid(), rpc_slot=getattr(c.rpc, "slot", -1), leased=len(hit))
     sys.stdin.readline()  # the test waits past the heartbeat timeout, then lets us go on
-    accepted = c.commit([(slot, gen, c.write(slot, block(tag + "-w", 0, nb)))])
+    accepted = c.commit([(slot, gen, c.write(slot, block(tag + "-w", 0, nb)), key(tag + "-w", 0))])
     out = np.empty(nb, np.uint8)
     good = 0
     for i, (s, g) in enumerate(zip(hit.slots, hit.gens, strict=True)):
@@ -66,7 +66,7 @@ def writer(c: PoolClient, tag: str) -> None:
             view[: nb // 2] = data[: nb // 2]  # half the block: a host may die here ...
             time.sleep(0.01)
             csum = c.write(slot, data)
-            c.commit([(slot, gen, csum)])
+            c.commit([(slot, gen, csum, key(tag, i))])
         say(event="wrote", i=i, leased=len(lease))
         i += 1
 

@@ -36,7 +36,7 @@ while True:
         time.sleep(random.random() * 0.004)                # ... a kill may land here ...
         csum = c.write(slot, data)
         time.sleep(random.random() * 0.002)                # ... or here, before the commit
-        c.commit([(slot, gen, csum)])
+        c.commit([(slot, gen, csum, key)])
     print(i, flush=True)
     i += 1
 """

@@ -164,8 +164,8 @@ def test_bad_input_is_refused_and_server_keeps_working(server):
         with pytest.raises(ValueError, match="exactly one block|format needs"):
             c.write(0, np.zeros(10, np.uint8))
         with pytest.raises(PoolRefused, match="outside the pool"):
-            c.commit([(10**6, 1, 0)])  # not a slot of the pool: the whole request is refused, no crash
-        assert c.commit([(5, 1, 0)]) == 0  # a slot this client is not writing: not accepted
+            c.commit([(10**6, 1, 0, keys(1)[0])])  # not a slot of the pool: the whole request is refused, no crash
+        assert c.commit([(5, 1, 0, keys(1)[0])]) == 0  # a slot this client is not writing: not accepted
         c.put(keys(1), blocks(1))
         assert len(c.get(keys(1))) == 1
 

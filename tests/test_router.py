@@ -19,8 +19,9 @@ from conftest import free_port
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from beluga.router import policies
+from beluga.router import policies, tenants
 from beluga.router.app import create_app
+from beluga.router.limits import uvicorn_config
 from beluga.router.registry import Worker
 from beluga.router.settings import RouterSettings
 
@@ -63,8 +64,12 @@ def stub_worker(name: str, mode: dict) -> FastAPI:
 
 
 class Served:
-    def __init__(self, app, port):
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+    """An ASGI app on a real uvicorn server in a thread: a stub worker, or the router with its own
+    server settings (`limits.uvicorn_config`) when given a config."""
+
+    def __init__(self, app, port, config: uvicorn.Config | None = None):
+        config = config or uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error")
+        self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.url = f"http://127.0.0.1:{port}"
 
@@ -89,7 +94,8 @@ def two_stubs():
 
 def router_for(urls, **kw):
     s = RouterSettings(workers=urls, port=free_port(), health_interval_s=0.2, **kw)
-    return Served(create_app(s), s.port)
+    app = create_app(s)
+    return Served(app, s.port, uvicorn_config(app, s, log_level="error"))
 
 
 def test_least_loaded_alternates_idle_workers(two_stubs):
@@ -153,7 +159,8 @@ def test_api_keys_map_to_tenant_cache_salt(two_stubs):
         assert denied.status_code == 401 and denied.json()["error"]["type"] == "authentication_error"
         ok = httpx.post(r.url + "/v1/completions", json={"model": "m", "prompt": "x"},
                         headers={"Authorization": "Bearer sk-1"})
-        assert ok.status_code == 200 and ma["seen"][-1]["cache_salt"] == "acme"
+        assert ok.status_code == 200 and ma["seen"][-1]["cache_salt"] == tenants.salt("acme", None)
+        assert "x-beluga-worker" not in ok.headers  # internal URLs only when asked for
 
 
 def test_bad_requests_get_openai_errors(two_stubs):

@@ -121,8 +121,11 @@ def test_api_keys_on_gives_401_without_a_key(serve, tmp_path):
 
 def test_least_loaded_spreads_and_second_worker_hits_the_pool(client):
     prompt = long_prompt(1500, "router ")
-    first = client.completions.with_raw_response.create(model=MODEL, prompt=prompt, max_tokens=8, temperature=0)
-    second = client.completions.with_raw_response.create(model=MODEL, prompt=prompt, max_tokens=8, temperature=0)
+    debug = {"x-beluga-debug": "1"}  # the router names its worker only when asked
+    first = client.completions.with_raw_response.create(model=MODEL, prompt=prompt, max_tokens=8, temperature=0,
+                                                        extra_headers=debug)
+    second = client.completions.with_raw_response.create(model=MODEL, prompt=prompt, max_tokens=8, temperature=0,
+                                                         extra_headers=debug)
     assert first.headers["x-beluga-worker"] != second.headers["x-beluga-worker"]
     a, b = first.parse(), second.parse()
     assert a.usage.prompt_tokens_details.cached_tokens == 0

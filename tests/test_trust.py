@@ -89,6 +89,8 @@ def test_two_clients_in_one_process_have_their_own_slots_and_replies(server):
     reads returned another key's block). vLLM's single-GPU layout runs two clients in one process."""
     a, b = PoolClient(server.settings, SMALL), PoolClient(server.settings, SMALL)
     try:
+        a.ping()
+        b.ping()
         assert a.rpc.slot != b.rpc.slot
         ka, kb = keys(8, b"a"), keys(8, b"b")
         a.put(ka, blocks(8, 1))
@@ -127,7 +129,7 @@ def test_a_live_client_keeps_its_leases_and_writes_past_the_heartbeat_timeout(sm
             [(slot, gen)] = c.alloc(keys(1, b"w"))
             time.sleep(2.5)  # well past the timeout: only the heartbeat thread speaks
             assert srv.stats()["leased_slots"] == 4
-            assert c.commit([(slot, gen, c.write(slot, blocks(1)[0]))]) == 1
+            assert c.commit([(slot, gen, c.write(slot, blocks(1)[0]), keys(1, b"w")[0])]) == 1
             c.release(hit.slots)
     finally:
         srv.stop()
@@ -202,7 +204,7 @@ def test_slots_left_writing_are_reclaimed_while_the_client_lives(small_pool):
             [(slot, gen)] = c.alloc(keys(1))
             time.sleep(2.0)
             assert srv.stats()["writing_slots"] == 0 and srv.stats()["expired_writes"] == 1
-            assert c.commit([(slot, gen, 0)]) == 0  # the late commit is refused
+            assert c.commit([(slot, gen, 0, keys(1)[0])]) == 0  # the late commit is refused
     finally:
         srv.stop()
 
@@ -461,8 +463,94 @@ def test_admin_endpoint_is_read_only(server):
 
 def test_the_rpc_slot_is_freed_when_a_client_closes(server):
     with PoolClient(server.settings, SMALL) as c:
+        c.ping()  # a slot is claimed at the first call
         assert int(native.atomic_load(c.rpc._word(W_CLAIM))) == c.rpc.claim
         first = c.rpc.slot
     with PoolClient(server.settings, SMALL) as c:
+        c.ping()
         assert c.rpc.slot == first
 
+
+
+# -- found by review of the change ---------------------------------------------------------------------------
+def test_a_hello_without_the_slots_claim_opens_no_session(server):
+    """A client that lost its slot (reaped while it stood still) and writes into it late must not open a
+    session there, nor be answered as the new owner."""
+    with PoolClient(server.settings, SMALL) as c:
+        c.ping()
+        t = c.rpc
+        out = np.zeros(8, np.uint64)
+        t.seq += 1
+        if not native.client_call(t.slot_addr, int(Op.HELLO), t.claim ^ 2, 0, 0, 0, 0, 0, t.seq, 10**7, out):
+            t._wait_slow(t.seq)
+            native.read_reply(t.slot_addr, out)
+        assert int(out[0]) & 0xFFFFFFFF == Status.ERROR and int(out[7]) == t.claim ^ 2
+        c.ping()  # the rightful session goes on
+        assert server.stats()["sessions"] == 1
+
+
+def test_a_commit_under_another_key_is_refused_and_its_slot_freed(server):
+    with PoolClient(server.settings, SMALL) as c:
+        [(slot, gen)] = c.alloc(keys(1, b"mine"))
+        csum = c.write(slot, blocks(1)[0])
+        assert c.commit([(slot, gen, csum, keys(1, b"else")[0])]) == 0
+        st = server.stats()
+        assert st["key_mismatches"] == 1 and st["writing_slots"] == 0 and st["committed_blocks"] == 0
+        assert c.lookup(keys(1, b"mine")).slots == [] and c.lookup(keys(1, b"else")).slots == []
+
+
+def test_a_false_bad_report_drops_nothing(server):
+    """A session reporting good blocks as bad cannot empty the cache: the server checks first."""
+    with PoolClient(server.settings, SMALL) as c:
+        c.put(keys(4), blocks(4))
+        hit = c.lookup(keys(4), lease=False)
+        c.report_bad(list(zip(hit.slots, hit.gens, strict=True)))
+        assert len(c.get(keys(4))) == 4 and server.stats()["false_reports"] == 4
+        c.mem[c.slot_offset(hit.slots[2]) + 5] ^= 0xFF  # a real corruption
+        c.report_bad([(hit.slots[2], hit.gens[2])])
+        assert len(c.get(keys(4))) == 2 and server.stats()["integrity_failures"] == 1
+
+
+def test_a_trickling_handshake_is_cut_at_its_deadline(server):
+    s = socket.create_connection(("127.0.0.1", server.settings.tcp_port), timeout=10)
+    s.recv(RESP_FRAME.size + CHALLENGE_BYTES)
+    t0 = time.monotonic()
+    try:
+        for _ in range(20):
+            s.sendall(b"\0")  # one byte a second: each recv would be in time, the handshake is not
+            time.sleep(1)
+    except OSError:
+        pass
+    assert time.monotonic() - t0 < 8
+    s.close()
+
+
+def test_a_server_that_stalls_after_its_challenge_is_unavailable_not_a_crash(small_pool):
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(1)
+
+    def stall():
+        conn, _ = lsock.accept()
+        conn.sendall(RESP_FRAME.pack(0, 0, 0, 0, 0, 0, 0, 0, CHALLENGE_BYTES) + b"c" * CHALLENGE_BYTES)
+        time.sleep(3)
+        conn.close()
+
+    threading.Thread(target=stall, daemon=True).start()
+    s = small_pool.model_copy(update={"transport": "tcp", "tcp_port": lsock.getsockname()[1], "rpc_timeout_s": 0.5})
+    with PoolClient(s, SMALL) as c, pytest.raises(PoolUnavailable):
+        c.ping()
+    lsock.close()
+
+
+def test_after_a_restart_half_written_slots_are_handed_out_last(small_pool):
+    from beluga.cxlpool.coherence import make
+    from beluga.cxlpool.server.index import PoolIndex
+
+    p = pool_mod.attach(small_pool, data=False)
+    ix = PoolIndex(p.mem, p.geo, make("coherent", p.mem))
+    ix._write_header(0, 1, 0, 0, keys(1)[0])  # slot 0 was being written when the server died
+    ix = PoolIndex(p.mem, p.geo, make("coherent", p.mem))
+    order = [ix.free.pop() for _ in range(3)]
+    assert 0 not in order and order == [1, 2, 3]
+    p.close()

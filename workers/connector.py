@@ -422,29 +422,28 @@ class BelugaConnector(KVConnectorBase_V1):
         n = len(spec.block_ids)
         slots, gens = spec.slots[self.rank][:n], spec.gens[self.rank][:n]
         keys = [rank_key(k, self.rank, self.world) for k in spec.keys[:n]]
-        expected = []
+        expected, failure = [], None
         for s, g, k in zip(slots, gens, keys, strict=True):
             try:
                 expected.append(self.client.expected(s, g, k))
-            except IntegrityError as e:
-                METRICS["key_mismatches"].inc()
-                self._fail_blocks(spec, len(expected), e)
-                break
             except PoolError as e:
-                self._fail_blocks(spec, len(expected), e)
+                if isinstance(e, IntegrityError):
+                    METRICS["key_mismatches"].inc()
+                failure = e
                 break
-        n = len(expected)
-        got = self.path.load(slots[:n], spec.block_ids[:n]) if n else []
-        bad = [i for i in range(n) if int(got[i]) != expected[i]]
+        got = self.path.load(slots[:len(expected)], spec.block_ids[:len(expected)]) if expected else []
+        bad = [i for i in range(len(expected)) if int(got[i]) != expected[i]]
         if bad:
-            first = bad[0]
             METRICS["bad_blocks"].inc(len(bad))
             try:
                 self.client.report_bad([(slots[i], gens[i]) for i in bad])
             except PoolError:
                 pass
-            self._fail_blocks(spec, first, IntegrityError(f"{len(bad)} block(s) failed their checksum"))
-            n = first
+            failure = IntegrityError(f"{len(bad)} block(s) failed their checksum")
+        good = bad[0] if bad else len(expected)
+        if failure is not None:
+            self._fail_blocks(spec, good, failure)
+        n = good
         METRICS["loaded_blocks"].inc(n)
         METRICS["loaded_bytes"].inc(n * self.fmt.block_bytes)
         METRICS["hit_tokens"].inc(spec.tokens if n == len(spec.block_ids) else n * self.block_size)
@@ -481,13 +480,14 @@ class BelugaConnector(KVConnectorBase_V1):
 
     def _save(self, spec: SaveSpec) -> None:
         """This rank's shards into fresh slots, then one commit; a failure gives the slots back."""
-        got = self.client.alloc([rank_key(k, self.rank, self.world) for k in spec.keys])
+        keys = [rank_key(k, self.rank, self.world) for k in spec.keys]
+        got = self.client.alloc(keys)
         todo = [(i, s, g) for i, (s, g) in enumerate(got) if s >= 0]
         if not todo:
             return
         try:
             sums = self.path.save([spec.block_ids[i] for i, _, _ in todo], [s for _, s, _ in todo])
-            self.client.commit([(s, g, int(c)) for (_, s, g), c in zip(todo, sums, strict=True)])
+            self.client.commit([(s, g, int(c), keys[i]) for (i, s, g), c in zip(todo, sums, strict=True)])
         except BaseException:
             try:
                 self.client.abort([(s, g) for _, s, g in todo])

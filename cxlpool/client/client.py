@@ -5,7 +5,7 @@
     client.read_into(hit.slots[i], hit.gens[i], keys[i], out)   # verified copy out
     client.release(hit.slots)
     slots = client.alloc(keys)               # room for new blocks
-    csum = client.write(slot, data); client.commit([(slot, gen, csum)])
+    csum = client.write(slot, data); client.commit([(slot, gen, csum, key)])
 
 Data never goes through the server: clients copy blocks straight into and out of slots (or hand slot
 addresses to a kernel) and the server only publishes and indexes them.
@@ -29,8 +29,8 @@ import numpy as np
 
 from beluga.cxlpool import coherence, native
 from beluga.cxlpool import pool as pool_mod
-from beluga.cxlpool.client.transport import ShmTransport, TcpTransport, doorbell_path
-from beluga.cxlpool.errors import IntegrityError, PoolRefused, PoolUnavailable
+from beluga.cxlpool.client.transport import ShmTransport, TcpTransport
+from beluga.cxlpool.errors import IntegrityError, PoolError, PoolRefused, PoolUnavailable
 from beluga.cxlpool.layout import COMMITTED, HEADER_BYTES, SLOT_HEADER, KVFormat
 from beluga.cxlpool.protocol import (
     ALLOC_EXISTS,
@@ -41,11 +41,11 @@ from beluga.cxlpool.protocol import (
     PAIR_REC,
     Op,
     Status,
+    doorbell_path,
 )
 from beluga.cxlpool.settings import PoolSettings
 
 log = logging.getLogger(__name__)
-MAX_KEYS = MAX_N[Op.LOOKUP]
 
 
 @dataclass
@@ -111,28 +111,39 @@ class PoolClient:
         raise PoolRefused(f"the server's {op.name} reply is malformed ({what}); not used")
 
     def lookup(self, keys: list[bytes], lease: bool = True) -> Lookup:
-        """The longest run of `keys` (from the first) that the pool holds; leased unless lease=False."""
+        """The longest run of `keys` (from the first) that the pool holds; leased unless lease=False.
+        All or nothing: if a later chunk fails, the leases of the earlier ones are given back."""
         out = Lookup([], [])
-        for i in range(0, len(keys), MAX_KEYS):
-            chunk = keys[i:i + MAX_KEYS]
-            r = self._call(Op.LOOKUP, len(chunk), (int(lease), 0, 0, 0), _pack_keys(chunk))
-            if r.n > len(chunk) or len(r.payload) != 8 * r.n:
-                self._refuse(Op.LOOKUP, f"{r.n} hits for {len(chunk)} keys")
-            p = np.frombuffer(r.payload, np.uint32)
-            if r.n and int(p[: r.n].max()) >= self.geo.n_slots:
-                self._refuse(Op.LOOKUP, "a slot outside the pool")
-            out.slots += p[: r.n].tolist()
-            out.gens += p[r.n:].tolist()
-            if r.n < len(chunk):
-                break
+        step = MAX_N[Op.LOOKUP]
+        try:
+            for i in range(0, len(keys), step):
+                chunk = keys[i:i + step]
+                r = self._call(Op.LOOKUP, len(chunk), (int(lease), 0, 0, 0), _pack_keys(chunk))
+                if r.n > len(chunk) or len(r.payload) != 8 * r.n:
+                    self._refuse(Op.LOOKUP, f"{r.n} hits for {len(chunk)} keys")
+                p = np.frombuffer(r.payload, np.uint32)
+                if r.n and int(p[: r.n].max()) >= self.geo.n_slots:
+                    self._refuse(Op.LOOKUP, "a slot outside the pool")
+                out.slots += p[: r.n].tolist()
+                out.gens += p[r.n:].tolist()
+                if r.n < len(chunk):
+                    break
+        except PoolError:
+            if lease and out.slots:
+                try:
+                    self.release(out.slots)
+                except PoolError:
+                    pass  # the session ends with the failure; the server gives them back then
+            raise
         return out
 
     def alloc(self, keys: list[bytes]) -> list[tuple[int, int]]:
         """(slot, gen) per key; slot ALLOC_NO_ROOM (-1) when the pool (or this client's quota) has no room,
         ALLOC_EXISTS (-2) when the block is already stored."""
         out = []
-        for i in range(0, len(keys), MAX_KEYS):
-            chunk = keys[i:i + MAX_KEYS]
+        step = MAX_N[Op.ALLOC]
+        for i in range(0, len(keys), step):
+            chunk = keys[i:i + step]
             r = self._call(Op.ALLOC, len(chunk), payload=_pack_keys(chunk))
             if r.n != len(chunk) or len(r.payload) != 12 * len(chunk):
                 self._refuse(Op.ALLOC, f"{r.n} answers for {len(chunk)} keys")
@@ -143,8 +154,9 @@ class PoolClient:
             out += list(zip(slots.tolist(), gens.tolist(), strict=True))
         return out
 
-    def commit(self, entries: list[tuple[int, int, int]]) -> int:
-        """Publish written slots: (slot, gen, checksum). Returns how many the server accepted."""
+    def commit(self, entries: list[tuple[int, int, int, bytes]]) -> int:
+        """Publish written slots: (slot, gen, checksum, key). Returns how many the server accepted: a slot
+        this client is not writing, or that was allocated under another key, is not."""
         done = 0
         step = MAX_N[Op.COMMIT]
         for i in range(0, len(entries), step):
@@ -212,9 +224,9 @@ class PoolClient:
     def put(self, keys: list[bytes], blocks: list[np.ndarray]) -> int:
         """Store blocks under keys (skipping those already stored). Returns how many were committed."""
         entries = []
-        for (slot, gen), data in zip(self.alloc(keys), blocks, strict=True):
+        for (slot, gen), data, key in zip(self.alloc(keys), blocks, keys, strict=True):
             if slot >= 0:
-                entries.append((slot, gen, self.write(slot, data)))
+                entries.append((slot, gen, self.write(slot, data), key))
         return self.commit(entries) if entries else 0
 
     def get(self, keys: list[bytes]) -> list[np.ndarray]:

@@ -18,7 +18,6 @@ next call opens a new one.
 from __future__ import annotations
 
 import logging
-import os
 import secrets
 import socket
 import threading
@@ -28,7 +27,7 @@ import numpy as np
 
 from beluga.cxlpool import native
 from beluga.cxlpool.errors import PoolRefused, PoolUnavailable
-from beluga.cxlpool.layout import SERVER_STATUS, Geometry
+from beluga.cxlpool.layout import Geometry, server_status
 from beluga.cxlpool.protocol import (
     CHALLENGE_BYTES,
     MAX_PAYLOAD,
@@ -39,6 +38,7 @@ from beluga.cxlpool.protocol import (
     W_CLAIM,
     W_RESP_SEQ,
     Op,
+    Reply,
     Status,
     proof,
     recv_exact,
@@ -47,33 +47,18 @@ from beluga.cxlpool.protocol import (
 log = logging.getLogger(__name__)
 
 
-class Reply:
-    __slots__ = ("status", "n", "ret", "payload")
-
-    def __init__(self, status: int, n: int, ret: tuple[int, int, int, int], payload: bytes):
-        self.status, self.n, self.ret, self.payload = status, n, ret, payload
-
-
-def doorbell_path(pool_path: str) -> str:
-    """Where the server's doorbell socket lives: beside a pool file, or under /dev/shm for a DAX node."""
-    if pool_path.startswith("/dev/dax"):
-        return f"/dev/shm/beluga-{os.path.basename(pool_path)}.bell"
-    return pool_path + ".bell"
-
-
 class ShmTransport:
     def __init__(self, mem: np.ndarray, geo: Geometry, bell: str, timeout_s: float = 5.0, spins: int = 20000):
         self.mem, self.geo, self.bell, self.timeout_s, self.spins = mem, geo, bell, timeout_s, spins
         self.base = native.address(mem)
-        self.status = np.ndarray(1, SERVER_STATUS, buffer=mem, offset=4096)
+        self.status = server_status(mem)
         self.out = np.zeros(8, np.uint64)
         self.token = 0
-        self.slot = -1
+        self.slot = -1  # claimed at the first call
         self.claim = secrets.randbits(63) | 1
         self._beat = 0
         self._bell_sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self._bell_sock.setblocking(False)
-        self._take_slot()
 
     def _word(self, w: int, slot: int | None = None) -> int:
         return self.base + self.geo.rpc_off + (self.slot if slot is None else slot) * self.geo.rpc_bytes + w * 8
@@ -98,16 +83,17 @@ class ShmTransport:
                        int(native.atomic_load(self.resp_addr))) + 1
         self.token = 0
 
+    def _holds_slot(self) -> bool:
+        return self.slot >= 0 and int(native.atomic_load(self._word(W_CLAIM))) == self.claim
+
     def beat(self) -> None:
-        """Heartbeat: one store. The server reaps a slot whose words all stand still."""
-        self._beat += 1
-        native.atomic_store(self._word(W_BEAT), np.uint64(self._beat))
+        """Heartbeat: one store, and only on a slot still ours. The server reaps a slot whose words all
+        stand still."""
+        if self._holds_slot():
+            self._beat += 1
+            native.atomic_store(self._word(W_BEAT), np.uint64(self._beat))
 
     def call(self, op: Op, n: int, args, payload: bytes | np.ndarray) -> Reply:
-        if int(native.atomic_load(self._word(W_CLAIM))) != self.claim:
-            log.warning("RPC slot %d was reclaimed (this client stood still past the heartbeat timeout); "
-                        "taking another", self.slot)
-            self._take_slot()
         if not self.token and op != Op.HELLO:
             self.hello()
         return self._call(op, n, args, payload)
@@ -120,6 +106,15 @@ class ShmTransport:
         return self.token
 
     def _call(self, op: Op, n: int, args, payload) -> Reply:
+        # Every request, HELLO too, goes out only on a slot still claimed by this client; a client that
+        # stood still past the heartbeat timeout lost it and takes another.
+        if not self._holds_slot():
+            if self.slot >= 0:
+                log.warning("RPC slot %d was reclaimed (this client stood still past the heartbeat timeout); "
+                            "taking another", self.slot)
+            self._take_slot()
+            if op != Op.HELLO:
+                self.hello()
         nbytes = len(payload) if isinstance(payload, bytes | bytearray) else payload.nbytes
         if nbytes > MAX_PAYLOAD:
             raise ValueError(f"RPC payload of {nbytes} bytes exceeds {MAX_PAYLOAD}; split the call")
@@ -128,7 +123,7 @@ class ShmTransport:
             self.req_payload[:nbytes] = data.view(np.uint8).ravel()
         self.seq += 1
         a0, a1, a2, a3 = args
-        token = self.token if op != Op.HELLO else 0
+        token = self.token if op != Op.HELLO else self.claim
         if not native.client_call(self.slot_addr, int(op) | (n << 32), token, a0, a1, a2, a3, nbytes, self.seq,
                                   self.spins, self.out):
             self._wait_slow(self.seq)
@@ -182,14 +177,14 @@ class TcpTransport:
             self.sock = socket.create_connection(self.addr, timeout=self.timeout_s)
             self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             first = self._read_reply()
-        except OSError as e:
+            if first.status != Status.OK or len(first.payload) != CHALLENGE_BYTES:
+                self._drop()
+                raise PoolRefused(f"metadata server at {self.addr[0]}:{self.addr[1]} refused the connection: "
+                                  f"{first.payload.decode(errors='replace')}")
+            r = self._exchange(Op.HELLO, 0, (0, 0, 0, 0), proof(self.pool_token, first.payload))
+        except OSError as e:  # timeouts and broken frames too
             self._drop()
             raise PoolUnavailable(f"cannot reach the metadata server at {self.addr[0]}:{self.addr[1]}: {e}") from e
-        if first.status != Status.OK or len(first.payload) != CHALLENGE_BYTES:
-            self._drop()
-            raise PoolRefused(f"metadata server at {self.addr[0]}:{self.addr[1]} refused the connection: "
-                              f"{first.payload.decode(errors='replace')}")
-        r = self._exchange(Op.HELLO, 0, (0, 0, 0, 0), proof(self.pool_token, first.payload))
         if r.status != Status.OK:
             self._drop()
             raise PoolRefused(f"metadata server refused HELLO: {r.payload.decode(errors='replace')} "
@@ -211,7 +206,7 @@ class TcpTransport:
         data = payload.tobytes() if isinstance(payload, np.ndarray) else bytes(payload)
         with self.lock:
             if self.sock is None:
-                self._connect()
+                self._connect()  # raises only PoolError
             try:
                 return self._exchange(op, n, args, data)
             except OSError as e:  # timeouts too: the session ends with the connection, leases and all

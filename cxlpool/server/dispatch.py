@@ -13,35 +13,15 @@ import json
 import logging
 import secrets
 import threading
-import time
 from array import array
-from dataclasses import dataclass
+from contextlib import contextmanager
 
 import numpy as np
 
-from beluga.cxlpool.protocol import COMMIT_REC, KEY_BYTES, MAX_PAYLOAD, PAIR_REC, Op, Status, check_request
+from beluga.cxlpool.protocol import COMMIT_REC, KEY_BYTES, PAIR_REC, Op, Reply, Status, check_request
 from beluga.cxlpool.server.index import PoolIndex
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Reply:
-    status: int
-    n: int = 0
-    ret: tuple[int, int, int, int] = (0, 0, 0, 0)
-    payload: bytes = b""
-
-    @classmethod
-    def error(cls, why: str, status: Status = Status.ERROR) -> Reply:
-        return cls(int(status), payload=why.encode()[:MAX_PAYLOAD])
-
-
-@dataclass
-class Session:
-    token: int
-    where: str  # "shm:<rpc slot>" or "tcp:<peer>", for logs and stats
-    opened: float
 
 
 class Dispatcher:
@@ -50,15 +30,25 @@ class Dispatcher:
         self.block_bytes = block_bytes
         self.server_id = server_id
         self.lock = threading.Lock()
-        self.sessions: dict[int, Session] = {}
+        self.waiting = 0  # threads waiting for the lock: the shared-memory loop lets them in first
+        self.sessions: dict[int, str] = {}  # token -> where it calls from ("shm:3", "tcp:10.0.0.2:5123")
+
+    @contextmanager
+    def locked(self):
+        """The lock, for a thread other than the shared-memory loop (which retakes it in a tight loop and
+        would otherwise starve TCP clients)."""
+        self.waiting += 1  # a hint, read without the lock
+        with self.lock:
+            self.waiting -= 1
+            yield
 
     # -- sessions -------------------------------------------------------------------------------------------
     def open_session(self, where: str, rpc_slot: int | None = None) -> int:
         """A new session and its random token (63 bits: it also travels as a signed journal word).
         `rpc_slot`: the shared-memory slot it calls through, which the compiled loop then serves."""
-        with self.lock:
+        with self.locked():
             token = secrets.randbits(63) | 1
-            self.sessions[token] = Session(token, where, time.monotonic())
+            self.sessions[token] = where
             if rpc_slot is not None:
                 self.index.shm_slot[token] = rpc_slot
                 self.index.shm_leases[rpc_slot] = 0
@@ -68,11 +58,12 @@ class Dispatcher:
 
     def close_session(self, token: int, why: str) -> None:
         """The session is over (reaped, disconnected, replaced): give back what it held."""
-        with self.lock:
+        with self.locked():
             self.index.drain()
-            if self.sessions.pop(token, None) is not None:
+            where = self.sessions.pop(token, None)
+            if where is not None:
                 self.index.reap(token)
-                log.info("session %x closed (%s)", token, why)
+                log.info("session %x (%s) closed: %s", token, where, why)
 
     def hello_reply(self, token: int) -> Reply:
         return Reply(int(Status.OK), 0, (self.index.geo.n_slots, self.server_id, token, 0))
@@ -82,7 +73,7 @@ class Dispatcher:
         why = check_request(op, n, len(payload))
         if why is not None:
             return Reply.error(why)
-        with self.lock:
+        with self.locked():
             self.index.drain()
             if token not in self.sessions:
                 return Reply.error("no such session (reaped, or the server restarted): say HELLO again",
@@ -116,11 +107,11 @@ class Dispatcher:
                          + np.asarray(gens, np.uint32).tobytes())
         if op == Op.COMMIT:
             rec = np.frombuffer(payload, COMMIT_REC, n)
-            if (why := self._slots_ok(rec["slot"])) or (args[0] not in (0, self.block_bytes)):
+            if (why := self._slots_ok(rec["slot"])) or args[0] != self.block_bytes:
                 return Reply.error(why or f"COMMIT: block length {args[0]}, the pool's blocks are "
                                           f"{self.block_bytes} bytes")
             ok = ix.commit(token, list(zip(rec["slot"].tolist(), rec["gen"].tolist(), rec["csum"].tolist(),
-                                           strict=True)), self.block_bytes)
+                                           [bytes(k) for k in rec["key"]], strict=True)), self.block_bytes)
             return Reply(int(Status.OK), n, (sum(ok), 0, 0, 0), bytes(ok))
         if op in (Op.ABORT, Op.BAD):
             rec = np.frombuffer(payload, PAIR_REC, n)
@@ -129,18 +120,16 @@ class Dispatcher:
             pairs = list(zip(rec["slot"].tolist(), rec["gen"].tolist(), strict=True))
             if op == Op.ABORT:
                 ix.abort(token, pairs)
-            else:
-                ix.bad(pairs)
-            return Reply(int(Status.OK), n)
+                return Reply(int(Status.OK), n)
+            return Reply(int(Status.OK), n, (ix.bad(pairs, self.block_bytes), 0, 0, 0))
         if op == Op.RELEASE:
             slots = np.frombuffer(payload, np.uint32, n)
             if why := self._slots_ok(slots):
                 return Reply.error(why)
             ix.release(token, slots.tolist())
             return Reply(int(Status.OK), n)
-        if op == Op.STATS:
-            return Reply(int(Status.OK), payload=json.dumps(self.snapshot()).encode())
-        return Reply.error(f"unknown op {op}")
+        assert op == Op.STATS  # check_request let through known ops only
+        return Reply(int(Status.OK), payload=json.dumps(self.snapshot()).encode())
 
     def snapshot(self) -> dict:
         """Stats; call with the lock held."""

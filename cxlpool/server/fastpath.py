@@ -22,6 +22,7 @@ from numba import njit
 from beluga.cxlpool import native
 from beluga.cxlpool.protocol import (
     KEY_BYTES,
+    MAX_N,
     MAX_PAYLOAD,
     SLOT_HEAD_BYTES,
     W_ARGS,
@@ -34,7 +35,7 @@ from beluga.cxlpool.protocol import (
 from beluga.cxlpool.server.table import find
 
 PING, LOOKUP = int(Op.PING), int(Op.LOOKUP)
-MAX_KEYS = MAX_PAYLOAD // KEY_BYTES
+MAX_KEYS = MAX_N[Op.LOOKUP]
 
 # counters
 C_JOURNAL, C_HANDLED, C_PING, C_LOOKUPS, C_LOOKUP_BLOCKS, C_HIT_BLOCKS = range(6)

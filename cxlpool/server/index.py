@@ -39,6 +39,8 @@ class Stats:
     integrity_failures: int = 0
     reclaimed_slots: int = 0
     expired_writes: int = 0
+    key_mismatches: int = 0
+    false_reports: int = 0
     quota_refusals: int = 0
     clients_reaped: int = 0
     rpc_calls: Counter = field(default_factory=Counter)
@@ -97,8 +99,7 @@ class PoolIndex:
         # Slots that were mid-write go last, so a writer that outlived the old server does not land
         # its bytes in a slot that was just handed to someone else.
         wset = set(writing.tolist())
-        self.free = [s for s in free if s in wset] + [s for s in free if s not in wset]
-        self.free.reverse()  # pop() takes from the end
+        self.free = [s for s in free if s in wset] + [s for s in free if s not in wset][::-1]  # pop() takes the last
         if committed.size:
             log.info("recovered %d committed blocks from slot headers (%d free)", len(self.index),
                      len(self.free))
@@ -195,14 +196,19 @@ class PoolIndex:
         self.stats.allocs += sum(1 for s in slots if s >= 0)
         return slots, gens
 
-    def commit(self, client: int, entries: list[tuple[int, int, int]], length: int) -> list[int]:
+    def commit(self, client: int, entries: list[tuple[int, int, int, bytes]], length: int) -> list[int]:
         ok = []
-        for s, g, csum in entries:
+        for s, g, csum, claimed in entries:
             if s not in self.writing.get(client, ()) or self.gen[s] != g:
                 ok.append(0)
                 continue
             del self.writing[client][s]
             key = self.index.key_of(s)
+            if key != claimed:  # the writer wrote another block than the slot was allocated for
+                self.stats.key_mismatches += 1
+                self._free_slot(s)
+                ok.append(0)
+                continue
             if key in self.index:  # another client committed the same block first
                 self.stats.duplicate_commits += 1
                 self._free_slot(s)
@@ -223,12 +229,23 @@ class PoolIndex:
                 self._free_slot(s)
                 self.stats.aborts += 1
 
-    def bad(self, entries: list[tuple[int, int]]) -> None:
-        """A reader saw a checksum mismatch: drop the block so nobody is offered it again."""
+    def bad(self, entries: list[tuple[int, int]], block_bytes: int) -> int:
+        """A reader saw a checksum mismatch: drop the block so nobody is offered it again, once the server
+        has seen the mismatch itself (a hostile session must not be able to empty the cache). Another
+        reader still copying it sees its checksum fail too: a miss."""
+        dropped = 0
+        scratch = np.empty(block_bytes, np.uint8)
         for s, g in entries:
-            if self.state[s] == COMMITTED and self.gen[s] == g:
-                self.stats.integrity_failures += 1
-                self._drop(s)
+            if self.state[s] != COMMITTED or self.gen[s] != g:
+                continue
+            off = self.geo.data_off + s * self.geo.slot_bytes
+            if self.coh.read_block(off, scratch.ctypes.data, block_bytes) == int(self.headers["checksum"][s]):
+                self.stats.false_reports += 1
+                continue
+            self.stats.integrity_failures += 1
+            self._drop(s)
+            dropped += 1
+        return dropped
 
     def reap(self, client: int) -> None:
         """A client session ended: give back its leases and the slots it was writing."""
@@ -320,6 +337,8 @@ class PoolIndex:
             "integrity_failures": st.integrity_failures,
             "reclaimed_slots": st.reclaimed_slots,
             "expired_writes": st.expired_writes,
+            "key_mismatches": st.key_mismatches,
+            "false_reports": st.false_reports,
             "quota_refusals": st.quota_refusals,
             "clients_reaped": st.clients_reaped,
             "rpc_calls": {k.name.lower(): v for k, v in st.rpc_calls.items()},

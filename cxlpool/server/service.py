@@ -19,9 +19,9 @@ from prometheus_client import CollectorRegistry, Gauge, generate_latest
 
 from beluga.cxlpool import coherence
 from beluga.cxlpool import pool as pool_mod
-from beluga.cxlpool.client.transport import doorbell_path
 from beluga.cxlpool.errors import PoolRefused
-from beluga.cxlpool.layout import SERVER_STATUS, KVFormat
+from beluga.cxlpool.layout import KVFormat, server_status
+from beluga.cxlpool.protocol import doorbell_path
 from beluga.cxlpool.server.dispatch import Dispatcher
 from beluga.cxlpool.server.index import PoolIndex
 from beluga.cxlpool.server.shm import BEAT_EVERY_S, ShmEndpoint
@@ -48,7 +48,7 @@ class MetadataService:
         self.dispatch = Dispatcher(self.index, self.pool.fmt.block_bytes, secrets.randbits(63))
         self.shm = (ShmEndpoint(self.pool.mem, self.pool.geo, self.dispatch, doorbell_path(settings.path[0]),
                                 settings.spin_us, settings.heartbeat_timeout_s) if "shm" in svc.transports else None)
-        status = _status(self.pool.mem)
+        status = server_status(self.pool.mem)
         status["pid"] = os.getpid()
         status["epoch"] = int(status["epoch"][0]) + 1
         self.stop = threading.Event()
@@ -68,7 +68,7 @@ class MetadataService:
         return self.admin.server_address[1]
 
     def stats(self) -> dict:
-        with self.dispatch.lock:
+        with self.dispatch.locked():
             return self.dispatch.snapshot() | {"format": self.pool.fmt.describe(), "path": self.settings.path,
                                                "coherence": self.pool.svc.coherence,
                                                "transports": list(self.pool.svc.transports)}
@@ -85,12 +85,12 @@ class MetadataService:
     def _housekeeping(self) -> None:
         """Reclaim slots left "writing" past the write timeout, whoever holds them; beat for the pool's
         guard when no shared-memory loop does."""
-        status = _status(self.pool.mem)
+        status = server_status(self.pool.mem)
         while not self.stop.wait(BEAT_EVERY_S):
             if self.shm is None:
                 status["beat"] += 1
                 status["heartbeat_ns"] = time.time_ns()
-            with self.dispatch.lock:
+            with self.dispatch.locked():
                 self.index.drain()
                 n = self.index.expire_writes(time.monotonic() - self.settings.write_timeout_s)
             if n:
@@ -127,12 +127,8 @@ class MetadataService:
             self.tcp.server_close()
         self.admin.shutdown()
         self.admin.server_close()
-        _status(self.pool.mem)["pid"] = 0  # a clean stop: the next server need not wait for our beat
+        server_status(self.pool.mem)["pid"] = 0  # a clean stop: the next server need not wait for our beat
         os.close(self._lock_fd)
-
-
-def _status(mem: np.ndarray) -> np.ndarray:
-    return np.ndarray(1, SERVER_STATUS, buffer=mem, offset=4096)
 
 
 def claim_pool(path: str, mem: np.ndarray) -> int:
@@ -146,7 +142,7 @@ def claim_pool(path: str, mem: np.ndarray) -> int:
         os.close(fd)
         raise PoolRefused(f"another metadata server holds {path}; one pool has one server "
                           "(stop the other first)") from None
-    status = _status(mem)
+    status = server_status(mem)
     if int(status["pid"][0]):
         beat = int(status["beat"][0])
         time.sleep(3.5 * BEAT_EVERY_S)

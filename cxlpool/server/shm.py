@@ -18,7 +18,7 @@ import time
 import numpy as np
 
 from beluga.cxlpool import native
-from beluga.cxlpool.layout import SERVER_STATUS, Geometry
+from beluga.cxlpool.layout import Geometry, server_status
 from beluga.cxlpool.protocol import (
     MAX_PAYLOAD,
     SLOT_HEAD_BYTES,
@@ -27,10 +27,11 @@ from beluga.cxlpool.protocol import (
     W_REQ_SEQ,
     W_RESP_SEQ,
     Op,
+    Reply,
     Status,
 )
 from beluga.cxlpool.server import fastpath
-from beluga.cxlpool.server.dispatch import Dispatcher, Reply
+from beluga.cxlpool.server.dispatch import Dispatcher
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ class ShmEndpoint:
         self.mem, self.geo, self.dispatch = mem, geo, dispatch
         self.base = native.address(mem)
         self.words = np.ndarray((geo.n_clients, geo.rpc_bytes // 8), np.uint64, buffer=mem, offset=geo.rpc_off)
-        self.status = np.ndarray(1, SERVER_STATUS, buffer=mem, offset=4096)
+        self.status = server_status(mem)
         self.seen = self.words[:, W_RESP_SEQ].copy()  # a request left unanswered by a dead server gets answered
         self.req = np.zeros(8, np.uint64)
         self.spin_us, self.timeout_s = spin_us, heartbeat_timeout_s
@@ -76,6 +77,8 @@ class ShmEndpoint:
                 if ix.counters[fastpath.C_JOURNAL] and c < 0:
                     ix.drain()  # idle now: catch the Python side up off the critical path
             now = time.monotonic()
+            if self.dispatch.waiting:
+                os.sched_yield()  # let a TCP thread take the lock before the loop takes it again
             if c >= 0:
                 self._handle(c)
             if c >= 0 or ix.counters[fastpath.C_HANDLED] != handled:
@@ -121,7 +124,7 @@ class ShmEndpoint:
         if plen > MAX_PAYLOAD:
             reply = Reply.error(f"payload length {plen} over the cap of {MAX_PAYLOAD}")
         elif op == Op.HELLO:
-            reply = self._hello(c, plen)
+            reply = self._hello(c, token, plen)
         elif token == 0 or token != int(ix.shm_tokens[c]):
             reply = Reply.error("no such session on this RPC slot: say HELLO again", Status.EXPIRED)
         else:
@@ -136,10 +139,12 @@ class ShmEndpoint:
                             seq)
         self.seen[c] = seq
 
-    def _hello(self, c: int, plen: int) -> Reply:
+    def _hello(self, c: int, claim_said: int, plen: int) -> Reply:
+        """A session for the client that holds the slot's claim now, and for no one else: a client that
+        lost the slot (reaped while it stood still) and writes into it late cannot open one here."""
         claim = int(self.words[c, W_CLAIM])
-        if claim == 0 or plen:
-            return Reply.error("claim the RPC slot (its claim word) before HELLO; no payload")
+        if claim == 0 or claim != claim_said or plen:
+            return Reply.error("HELLO must carry the slot's claim as its token, and no payload")
         old = int(self.dispatch.index.shm_tokens[c])
         if old:
             self.dispatch.close_session(old, f"shm:{c} said HELLO again")
@@ -162,7 +167,8 @@ class ShmEndpoint:
             elif claim and now - self.last_moved[c] > self.timeout_s:
                 if token:
                     self.dispatch.close_session(token, f"shm:{c} heartbeat stopped for {self.timeout_s}s")
-                # Free the slot for another client (unless its owner came back this very moment).
+                # Free the slot for another client. If its owner is only slow, its next call finds the claim
+                # gone and takes another slot; its HELLO carries its own claim, so it cannot take this one.
                 native.atomic_cas(self.base + self.geo.rpc_off + c * self.geo.rpc_bytes + W_CLAIM * 8,
                                   np.uint64(claim), np.uint64(0))
                 self.session_claim.pop(c, None)

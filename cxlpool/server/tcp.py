@@ -14,18 +14,21 @@ import secrets
 import socket
 import socketserver
 import threading
+import time
 
 from beluga.cxlpool.protocol import (
     CHALLENGE_BYTES,
     MAX_PAYLOAD,
+    PROOF_BYTES,
     REQ_FRAME,
     RESP_FRAME,
     Op,
+    Reply,
     Status,
     proof,
     recv_exact,
 )
-from beluga.cxlpool.server.dispatch import Dispatcher, Reply
+from beluga.cxlpool.server.dispatch import Dispatcher
 
 log = logging.getLogger(__name__)
 
@@ -61,15 +64,20 @@ class _Handler(socketserver.BaseRequestHandler):
             sock.settimeout(HANDSHAKE_S)
             challenge = secrets.token_bytes(CHALLENGE_BYTES)
             send_reply(sock, Reply(int(Status.OK), payload=challenge), 0, 0)
+            # The whole handshake has one deadline: a peer without the token cannot trickle bytes to hold a
+            # connection, and before it proves the token nothing but a HELLO of the proof's size is read.
+            deadline = time.monotonic() + HANDSHAKE_S
             while True:
-                op, n, req_token, seq, a0, a1, a2, a3, plen = REQ_FRAME.unpack(recv_exact(sock, REQ_FRAME.size))
+                head = recv_exact(sock, REQ_FRAME.size, None if token else deadline)
+                op, n, req_token, seq, a0, a1, a2, a3, plen = REQ_FRAME.unpack(head)
                 if plen > MAX_PAYLOAD:
                     send_reply(sock, Reply.error(f"frame of {plen} bytes over the cap of {MAX_PAYLOAD}"), req_token,
                                seq)
                     return
-                payload = recv_exact(sock, plen) if plen else b""
                 if not token:
-                    if op != Op.HELLO or not hmac.compare_digest(payload, proof(srv.pool_token, challenge)):
+                    proved = op == Op.HELLO and plen == PROOF_BYTES and hmac.compare_digest(
+                        recv_exact(sock, plen, deadline), proof(srv.pool_token, challenge))
+                    if not proved:
                         log.warning("TCP client %s failed to authenticate", self.client_address)
                         send_reply(sock, Reply.error("HELLO with a valid proof of the pool token first",
                                                      Status.AUTH), req_token, seq)
@@ -78,12 +86,13 @@ class _Handler(socketserver.BaseRequestHandler):
                     sock.settimeout(srv.idle_timeout_s)
                     send_reply(sock, srv.dispatch.hello_reply(token), req_token, seq)
                     continue
+                payload = recv_exact(sock, plen) if plen else b""
                 if req_token != token:  # a connection speaks for its own session only
                     reply = Reply.error("this connection's session has another token", Status.EXPIRED)
                 else:
                     reply = srv.dispatch(token, op, n, (a0, a1, a2, a3), payload)
                 send_reply(sock, reply, req_token, seq)
-        except (OSError, ConnectionError) as e:
+        except (OSError, ConnectionError, TimeoutError) as e:
             log.info("TCP client %s dropped: %s", self.client_address, e)
         finally:
             srv.slots.release()
