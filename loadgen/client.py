@@ -34,10 +34,10 @@ class Result:
 
 async def stream_request(client: httpx.AsyncClient, base: str, model: str, prompt: str, max_tokens: int, rid: str,
                          pass_: int, api_key: str | None = None, endpoint: str = "completions",
-                         logprobs: int = 0) -> Result:
+                         logprobs: int = 0, extra: dict | None = None) -> Result:
     res = Result(rid, pass_)
     body: dict = {"model": model, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-                  "stream_options": {"include_usage": True}}
+                  "stream_options": {"include_usage": True}, **(extra or {})}
     if endpoint == "chat":
         body["messages"] = [{"role": "user", "content": prompt}]
         if logprobs:

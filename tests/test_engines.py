@@ -174,7 +174,7 @@ def test_corrupted_block_is_recomputed_never_served(fleet):
     new = sorted(set(np.nonzero(headers["state"] == COMMITTED)[0].tolist()) - before,
                  key=lambda s: int(headers["commit_ns"][s]))
     assert len(new) >= 8
-    victim = pool.slot_offset(new[4])  # the fifth block of the chain
+    victim = pool.geo.data_off + new[4] * pool.geo.slot_bytes  # the fifth block of the chain
     pool.mem[victim + 1000: victim + 1064] ^= 0xFF
     bad_before = metric(b_metrics, "beluga_connector_bad_blocks")
     _, text_b, _ = complete(b.settings.url, prompt)
