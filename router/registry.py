@@ -96,16 +96,20 @@ class Registry:
 
     async def _check(self, w: Worker) -> None:
         t = aiohttp.ClientTimeout(total=2.0)
+        why = "unhealthy"
         try:
             async with self.client.get(w.url + "/health", timeout=t) as r:
                 ok = r.status == 200
-            if ok and not w.models:
+            if ok and not w.models:  # /v1 needs the worker key: a worker that refuses it gets no request
                 async with self.client.get(w.url + "/v1/models", timeout=t) as m:
-                    w.models = {d["id"] for d in (await m.json(content_type=None)).get("data", [])}
-        except (TimeoutError, aiohttp.ClientError, ValueError):
+                    ok = m.status == 200
+                    why = "refuses the router's worker key" if m.status in (401, 403) else why
+                    w.models = {d["id"] for d in (await m.json(content_type=None))["data"]} if ok else set()
+        except (TimeoutError, aiohttp.ClientError, ValueError, LookupError, TypeError):
             ok = False
         if ok != w.healthy:
-            log.info("worker %s is %s", w.url, "healthy" if ok else "unhealthy: ejected")
+            log.log(logging.INFO if ok or why == "unhealthy" else logging.ERROR, "worker %s is %s", w.url,
+                    "healthy" if ok else f"{why}: ejected")
         if not ok:
             w.models = set()
         w.healthy = ok

@@ -67,7 +67,7 @@ KNOWN_PARTS = {"text", "image_url", "input_audio", "refusal"}
 
 def _part_kind(v) -> str:
     t = v.get("type") if isinstance(v, dict) else getattr(v, "type", None)
-    return t if t in KNOWN_PARTS else "other"
+    return t if isinstance(t, str) and t in KNOWN_PARTS else "other"
 
 
 ContentPart = Annotated[

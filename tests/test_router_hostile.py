@@ -12,6 +12,7 @@ engines is tests/test_tenants_e2e.py.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import select
 import signal
@@ -168,6 +169,79 @@ def test_fuzzer_over_the_openapi_never_gets_a_5xx(router):
     total = sum(codes.values())
     by_status = Counter(s for (_, s), n in codes.items() for _ in range(n))
     assert total >= 100 and by_status[200] and by_status[400], (total, by_status)
+
+
+def _bodies():
+    """OpenAI-shaped JSON bodies in which any value may be replaced by any JSON (a number where text goes,
+    null, a list, NaN, a huge integer), with unknown keys here and there, encoded as JSON or as raw bytes.
+    Schemathesis breaks one thing of a schema at a time; this breaks them deep inside messages too."""
+    from hypothesis import strategies as st
+
+    anything = st.recursive(
+        st.none() | st.booleans() | st.integers() | st.integers(min_value=-2**80, max_value=2**80) | st.floats()
+        | st.text(max_size=12),
+        lambda kids: st.lists(kids, max_size=3) | st.dictionaries(st.text(max_size=6), kids, max_size=3),
+        max_leaves=12)
+
+    def maybe(shape):
+        return st.one_of(*[shape] * 9, anything)  # mostly the right shape, sometimes anything
+
+    kinds = st.sampled_from(["text", "image_url", "input_audio", "refusal", "video_url", ""])
+    part = st.fixed_dictionaries({"type": maybe(kinds)}, optional={
+        "text": maybe(st.text(max_size=20)), "image_url": maybe(st.fixed_dictionaries({"url": maybe(st.text())})),
+        "input_audio": anything, "refusal": maybe(st.text())})
+    roles = st.sampled_from(["system", "developer", "user", "assistant", "tool", "function", "wizard"])
+    message = st.fixed_dictionaries({"role": maybe(roles)}, optional={
+        "content": maybe(st.text(max_size=20) | st.lists(maybe(part), max_size=3)), "name": maybe(st.text()),
+        "tool_calls": anything, "tool_call_id": anything})
+    common = {"stream": maybe(st.booleans()), "n": maybe(st.integers()), "max_tokens": maybe(st.integers()),
+              "temperature": maybe(st.floats()), "top_p": maybe(st.floats()), "seed": maybe(st.integers()),
+              "stop": maybe(st.text() | st.lists(st.text(), max_size=3)), "cache_salt": maybe(st.text()),
+              "logit_bias": maybe(st.dictionaries(st.text(max_size=4), st.floats(), max_size=2)),
+              "stream_options": anything}
+    extra = st.dictionaries(st.text(max_size=6), anything, max_size=2)  # fields the router does not know
+    model = maybe(st.just("m"))
+    chat = st.fixed_dictionaries({"model": model, "messages": maybe(st.lists(maybe(message), max_size=3))},
+                                 optional={**common, "max_completion_tokens": maybe(st.integers()),
+                                           "logprobs": anything, "top_logprobs": maybe(st.integers())})
+    prompt = st.text(max_size=20) | st.lists(st.text(), max_size=3) | st.lists(st.integers(), max_size=4) \
+        | st.lists(st.lists(st.integers(), max_size=3), max_size=3)
+    completion = st.fixed_dictionaries({"model": model, "prompt": maybe(prompt)},
+                                       optional={**common, "best_of": maybe(st.integers()), "echo": anything,
+                                                 "logprobs": maybe(st.integers())})
+    encoded = st.tuples(st.just("/v1/chat/completions"), chat, extra) \
+        | st.tuples(st.just("/v1/completions"), completion, extra)
+    raw = st.tuples(st.sampled_from(["/v1/chat/completions", "/v1/completions"]), st.binary(max_size=64))
+    return st.one_of(encoded.map(lambda t: (t[0], json.dumps({**t[2], **t[1]}).encode())), raw)
+
+
+@pytest.mark.timeout(90)
+def test_fuzzed_json_bodies_never_get_a_5xx(router):
+    from hypothesis import HealthCheck, Phase, given, settings
+
+    r, _ = router
+    codes: Counter = Counter()
+    failures: list[str] = []
+    stop_at = time.monotonic() + 40
+
+    with httpx.Client(base_url=r.url, headers={**auth("sk-a"), "content-type": "application/json"},
+                      timeout=10) as client:
+        @settings(max_examples=1500, deadline=None, database=None, phases=[Phase.generate],
+                  suppress_health_check=list(HealthCheck))
+        @given(req=_bodies())
+        def one(req):
+            if time.monotonic() > stop_at:
+                return
+            path, body = req
+            resp = client.post(path, content=body)
+            codes[resp.status_code] += 1
+            if resp.status_code >= 500 or resp.status_code != 200 and not is_openai_error(resp):
+                failures.append(f"{path} {body[:300]!r} -> {resp.status_code} {resp.text[:200]}")
+
+        one()
+    print("fuzzed bodies, answers by status:", dict(codes))
+    assert not failures, failures[:5]
+    assert sum(codes.values()) >= 300 and codes[200] and codes[400], codes
 
 
 # -- bodies: counted as they arrive, refused at the limit ---------------------------------------------------
@@ -392,11 +466,15 @@ def test_worker_urls_only_when_asked_for(router):
 
 
 @pytest.mark.timeout(60)
-def test_a_wrong_worker_key_is_a_502_not_the_clients_401(upstream):
+def test_a_worker_refusing_the_worker_key_gets_no_request(upstream):
+    """A router with the wrong worker key sees its workers refuse /v1/models: they are ejected, the client
+    gets a 503 (not the worker's 401, which would blame the client's key), and no URL leaks in it."""
     up, seen = upstream
     with router_for([up.url], worker_api_key="not-the-key") as r:
+        assert [w["healthy"] for w in httpx.get(r.url + "/workers").json()] == [False]
         resp = httpx.post(r.url + "/v1/completions", json={"model": "m", "prompt": "x"})
-    assert resp.status_code == 502 and is_openai_error(resp) and "127.0.0.1" not in resp.text
+    assert resp.status_code == 503 and is_openai_error(resp) and "127.0.0.1" not in resp.text
+    assert not seen
 
 
 # -- discovery --------------------------------------------------------------------------------------------
