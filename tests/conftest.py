@@ -10,6 +10,7 @@ import time
 import uuid
 
 import httpx
+import numpy as np
 import pytest
 
 from beluga.cxlpool import pool as pool_mod
@@ -20,6 +21,17 @@ from beluga.cxlpool.settings import PoolSettings
 # A small KV format: 2 layers x (K+V) x 16 tokens x 1 head x 64 dims, float32 = 16 KiB blocks.
 SMALL = KVFormat(model="test-model", dtype="float32", layers=2, kv_heads=1, head_dim=64, block_tokens=16,
                  layout="test", hash_domain="test")
+
+
+def keys(n: int, tag: bytes = b"k") -> list[bytes]:
+    """n distinct 32-byte block keys."""
+    return [(tag + i.to_bytes(4, "little")).ljust(32, b"\0") for i in range(n)]
+
+
+def blocks(n: int, seed: int = 0) -> list[np.ndarray]:
+    """n random blocks of the SMALL format."""
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 255, SMALL.block_bytes, dtype=np.uint8) for _ in range(n)]
 
 
 

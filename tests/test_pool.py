@@ -8,7 +8,7 @@ import stat
 import httpx
 import numpy as np
 import pytest
-from conftest import SMALL
+from conftest import SMALL, blocks, keys
 
 from beluga.cxlpool import pool as pool_mod
 from beluga.cxlpool.client import PoolClient
@@ -17,15 +17,6 @@ from beluga.cxlpool.layout import KVFormat
 from beluga.cxlpool.region import Region, RegionError
 
 pytestmark = pytest.mark.timeout(120)
-
-
-def keys(n: int, tag: bytes = b"k") -> list[bytes]:
-    return [(tag + i.to_bytes(4, "little")).ljust(32, b"\0") for i in range(n)]
-
-
-def blocks(n: int, seed: int = 0) -> list[np.ndarray]:
-    rng = np.random.default_rng(seed)
-    return [rng.integers(0, 255, SMALL.block_bytes, dtype=np.uint8) for _ in range(n)]
 
 
 def test_format_mismatch_names_the_field(small_pool):

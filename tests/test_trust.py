@@ -17,7 +17,7 @@ import time
 import httpx
 import numpy as np
 import pytest
-from conftest import SMALL, ServerProcess
+from conftest import SMALL, ServerProcess, blocks, keys
 from pydantic import ValidationError
 
 from beluga.cxlpool import native
@@ -42,15 +42,6 @@ from beluga.workers.connector import rank_key
 from beluga.workers.kvformat import from_model_dir, model_id_for
 
 pytestmark = pytest.mark.timeout(120)
-
-
-def keys(n: int, tag: bytes = b"k") -> list[bytes]:
-    return [(tag + i.to_bytes(4, "little")).ljust(32, b"\0") for i in range(n)]
-
-
-def blocks(n: int, seed: int = 0) -> list[np.ndarray]:
-    rng = np.random.default_rng(seed)
-    return [rng.integers(0, 255, SMALL.block_bytes, dtype=np.uint8) for _ in range(n)]
 
 
 class RawTcp:
