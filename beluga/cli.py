@@ -267,9 +267,7 @@ def worker_cmd(pool: Annotated[str | None, typer.Option(help="pool path; none: n
                connector_extra: Annotated[str, typer.Option(help="JSON merged into the connector's "
                                                             "kv_connector_extra_config")] = "{}",
                block_size: Annotated[int | None, typer.Option(help="KV block size; must be the pool's "
-                                                              "(default: 32 on the CPU, vLLM's on GPUs)")] = None,
-               api_key_file: Annotated[str | None, typer.Option(help="the workers' key (the router's "
-                                                                "--worker-api-key-file): answer only it")] = None):
+                                                              "(default: 32 on the CPU, vLLM's on GPUs)")] = None):
     """Run one vLLM worker with the connector in the foreground (one per pod on Kubernetes)."""
     from beluga import model as model_mod
     from beluga.workers.connector import connector_config
@@ -281,14 +279,8 @@ def worker_cmd(pool: Annotated[str | None, typer.Option(help="pool path; none: n
             raise ValueError("must be a JSON object")
     except ValueError as e:
         _fail(f"--connector-extra is not a JSON object: {e}")
-    try:
-        key = Path(api_key_file).read_text().strip() if api_key_file else None
-    except OSError as e:
-        _fail(f"cannot read --api-key-file: {e}")
-    if api_key_file and not key:
-        _fail(f"--api-key-file {api_key_file} is empty")
     s = EngineSettings(model=model or str(model_mod.path_or_raise()), host=host, port=port, cores=cores,
-                       kv_space_gb=kv_space_gb, device=device, block_size=block_size, api_key=key,
+                       kv_space_gb=kv_space_gb, device=device, block_size=block_size,
                        connector=connector_config(pool, tcp_port=pool_tcp_port, **extra) if pool else None)
     e = EngineProcess(s).start()
     try:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import os
-import secrets
 import subprocess
 import sys
 import threading
@@ -59,8 +58,6 @@ class Stack:
         self.pool_proc: subprocess.Popen | None = None
         self.fleet = None
         self._stopping = threading.Event()
-        # Workers answer only requests that carry this key, which only the router holds.
-        self.worker_key = secrets.token_urlsafe(32)
 
     def start(self, status) -> None:
         from beluga import model
@@ -79,7 +76,7 @@ class Stack:
         engines = [EngineSettings(
             model=mdir, port=s.worker_base_port + i, cores=cores[i], kv_space_gb=s.kv_space_gb,
             max_model_len=s.max_model_len, log_file=f"{s.log_dir}/worker-{i}.log",
-            optimization_level=s.optimization_level, block_size=s.block_size, api_key=self.worker_key,
+            optimization_level=s.optimization_level, block_size=s.block_size,
             connector=connector_config(s.pool, tcp_port=s.pool_tcp_port) if use_pool else s.kv_transfer_config)
             for i in range(s.workers)]
         status("starting Ray")
@@ -148,8 +145,7 @@ def run(s: ServeSettings, console) -> None:
     try:
         with console.status("starting") as st:
             stack.start(lambda msg: st.update(msg))
-        rs = RouterSettings(host=s.host, port=s.port, policy=s.policy, discovery="ray", ray_address=s.ray_address,
-                            worker_api_key=stack.worker_key)
+        rs = RouterSettings(host=s.host, port=s.port, policy=s.policy, discovery="ray", ray_address=s.ray_address)
         kv = (f"connector {s.kv_transfer_config['kv_connector']}" if s.kv_transfer_config
               else f"pool {'off' if s.no_pool else s.pool}")
         console.print(f"[green]ready[/green]: OpenAI API on http://{s.host}:{s.port}/v1 "

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import httpx
-from pydantic import BaseModel, Field, SecretStr
+from pydantic import BaseModel, Field
 
 from beluga.workers.kvformat import CPU_BLOCK_TOKENS
 
@@ -43,8 +43,6 @@ class EngineSettings(BaseModel):
     # tokens measured 4.7 s against 4.5 s compiled: not worth a minute per start.
     optimization_level: int = Field(0, ge=0, le=3)
     connector: dict | None = Field(None, description="kv-transfer-config, e.g. from BelugaConnector.config()")
-    api_key: SecretStr | None = Field(None, description="the workers' key: then the worker answers only "
-                                      "requests that carry it (the router's), on every path but /health and /metrics")
     extra_args: list[str] = Field(default_factory=list)
     env: dict[str, str] = Field(default_factory=dict)
     log_file: str | None = None
@@ -65,8 +63,6 @@ class EngineSettings(BaseModel):
             cmd += ["--block-size", str(block_size)]
         if self.connector is not None:
             cmd += ["--kv-transfer-config", json.dumps(self.connector)]
-        if self.api_key is not None:  # the key itself travels in the environment, not the command line
-            cmd += ["--middleware", "beluga.workers.guard.RequireKey"]
         return cmd + self.extra_args
 
     def environment(self) -> dict[str, str]:
@@ -84,8 +80,6 @@ class EngineSettings(BaseModel):
         })
         if self.cores is not None:
             env["VLLM_CPU_OMP_THREADS_BIND"] = self.cores
-        if self.api_key is not None:
-            env["VLLM_API_KEY"] = self.api_key.get_secret_value()
         env.update(self.env)
         return env
 
